@@ -1,0 +1,1 @@
+"""Network recipes, one module per family. Importing a module registers its recipes."""
