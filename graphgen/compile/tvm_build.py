@@ -1,0 +1,138 @@
+"""ONNX -> TVM Relax -> shared library, for CPU (x86, aarch64, armv7) and CUDA targets.
+
+* Import with the Relax ONNX frontend after :func:`prepare_for_tvm` has rewritten the
+  constructs TVM's importer gets wrong.
+* Compile with the target's own Relax pipeline (``relax.get_default_pipeline``): for CPU
+  that is the fusing pipeline; plain ``tvm.compile`` would leave conv, add and relu unfused.
+* Link every CPU library with the lld that ships in the ``ziglang`` wheel, so cross
+  targets need nothing but pip (no system cross-gcc).
+* CUDA: TVM without a CUDA driver exports CUDA C *source* that would need a compiler on
+  the device. We compile each kernel module ahead of time with nvcc into a fatbin for the
+  requested arch and swap it into the packed import blob (see :mod:`graphgen.compile.cuda`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+
+from graphgen.compile.targets import TargetSpec
+from graphgen.errors import BuildError, UserError
+
+
+def prepare_for_tvm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite graph constructs TVM 0.27's ONNX importer rejects or gets wrong (one place for the quirks)."""
+    ops = {n.op_type for n in model.graph.node}
+    if "MaxUnpool" in ops or any(n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]
+                                 for n in model.graph.node):
+        from graphgen.compile.fix_maxunpool import rewrite_maxunpool_for_tvm
+
+        model = rewrite_maxunpool_for_tvm(model)
+    return model
+
+
+def import_onnx(model: onnx.ModelProto):
+    import tvm.relax.frontend.onnx  # noqa: F401  (registers the frontend)
+    from tvm import relax
+
+    model = prepare_for_tvm(model)
+    try:
+        with warnings.catch_warnings():
+            # the importer warns about value_info without shapes; our graphs are fully shaped
+            warnings.simplefilter("ignore", UserWarning)
+            return relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BuildError(f"TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from e
+
+
+def lld_fcompile(spec: TargetSpec):
+    """An export_library fcompile that links objects with ziglang's ld.lld."""
+
+    def fcompile(output, objects, options=None, **_):
+        cmd = [sys.executable, "-m", "ziglang", "ld.lld", "-shared", "--build-id=sha1", "-o", str(output),
+               *[str(o) for o in objects]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"linking {spec.name} library with ld.lld failed: "
+                             f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+
+    fcompile.output_format = "so"
+    fcompile.get_target_triple = lambda: spec.triple
+    return fcompile
+
+
+def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None) -> dict:
+    """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
+
+    Returns facts for the manifest (timings, how it was linked, CUDA device code).
+    """
+    import tvm
+    from tvm import relax
+
+    log = log or (lambda msg: None)
+    out_path = Path(out_path)
+    info: dict = {}
+    t0 = time.perf_counter()
+    mod = import_onnx(model)
+    info["import_seconds"] = round(time.perf_counter() - t0, 3)
+    target = spec.tvm_target()
+    t1 = time.perf_counter()
+    try:
+        pipeline = relax.get_default_pipeline(target)
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    except UserError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BuildError(f"TVM failed to compile for {spec.name}: {msg[-1] if msg else type(e).__name__}") from e
+    info["compile_seconds"] = round(time.perf_counter() - t1, 3)
+    t2 = time.perf_counter()
+    if spec.arch == "cuda":
+        from graphgen.compile.cuda import export_cuda_library
+
+        info["cuda"] = export_cuda_library(executable, spec, out_path, lld_fcompile(spec), log=log)
+    else:
+        executable.export_library(str(out_path), fcompile=lld_fcompile(spec))
+    info["link_seconds"] = round(time.perf_counter() - t2, 3)
+    info["linker"] = "ziglang ld.lld"
+    return info
+
+
+def run_library(lib_path: str | Path, spec: TargetSpec, model: onnx.ModelProto, inputs: dict) -> list:
+    """Load a host-runnable library in TVM's Relax VM and run it on ``inputs`` (numpy, by input name)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from graphgen.verify import graph_inputs
+
+    if not spec.host_runnable:
+        raise UserError(f"a {spec.name} library cannot run on this host")
+    lib = tvm.runtime.load_module(str(lib_path))
+    dev = tvm.cpu() if spec.arch != "cuda" else tvm.cuda()
+    vm = relax.VirtualMachine(lib, dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name]), dev) for v in graph_inputs(model)]
+    out = vm["main"](*args)
+    outs = _flatten(out)
+    return [o.numpy() for o in outs]
+
+
+def _flatten(value) -> list:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not hasattr(value, "numpy"):
+        out = []
+        for v in value:
+            out.extend(_flatten(v))
+        return out
+    return [value]

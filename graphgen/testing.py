@@ -1,0 +1,50 @@
+"""Assertions shared by the test suite (and usable by anyone writing a recipe)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphgen.verify import DEFAULT_TOLERANCE, compare, random_inputs, run_onnxruntime
+
+
+def assert_onnx_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, tolerance: float = DEFAULT_TOLERANCE,
+                           seed: int = 0) -> None:
+    """Both models on onnxruntime, same seeded inputs: every output within relative L2 tolerance."""
+    from graphgen.verify import check_equivalent
+
+    c = check_equivalent(before, after, seed=seed, tolerance=tolerance)
+    assert c.ok, c.summary() + (f" ({c.detail})" if c.detail else "")
+
+
+def assert_tvm_matches_ort(model: onnx.ModelProto, target: str = "x86", tolerance: float = DEFAULT_TOLERANCE,
+                           optimize: bool = True, seed: int = 0) -> None:
+    """Optimize (as a build does), compile for the host with TVM, run the library in TVM's VM, and
+    compare with onnxruntime on the *unoptimized* model."""
+    from graphgen.compile import compile_model, resolve_target, run_library
+    from graphgen.optimize import optimize as run_optimizer
+
+    spec = resolve_target(target)
+    optimized = run_optimizer(model).model if optimize else model
+    inputs = random_inputs(model, seed)
+    expected = run_onnxruntime(model, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "model.so"
+        compile_model(optimized, spec, lib)
+        got = run_library(lib, spec, optimized, inputs)
+    c = compare(got, expected, [o.name for o in model.graph.output], tolerance)
+    assert c.ok, c.summary() + (f" ({c.detail})" if c.detail else "")
+
+
+def onnx_full_check(model: onnx.ModelProto) -> None:
+    onnx.checker.check_model(model, full_check=True)
+
+
+def run_recipe_on_ort(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
+    outs = run_onnxruntime(model, random_inputs(model, seed))
+    for o in outs:
+        assert np.all(np.isfinite(o)), "non-finite output"
+    return outs

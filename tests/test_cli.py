@@ -1,0 +1,104 @@
+"""The graphgen command: success paths and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from graphgen.cli import main
+
+
+def run_cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "graphgen.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _error_line(err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    return lines[0]
+
+
+def test_list_shows_squeezenet_with_alias(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "squeezenet1_1" in out and "alias: squeezenet" in out and "squeezenet1_0" in out
+
+
+def test_export_writes_the_unoptimized_graph_and_weights(tmp_path, capsys):
+    out = tmp_path / "sq.onnx"
+    w = tmp_path / "sq.npz"
+    assert main(["export", "squeezenet", "-o", str(out), "--input-size", "64", "64", "--num-classes", "7",
+                 "--save-weights", str(w)]) == 0
+    m = onnx.load(str(out))
+    assert any(n.op_type == "Dropout" for n in m.graph.node)  # before optimization
+    assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 7
+    # loading the saved weights and exporting again gives identical bytes
+    out2 = tmp_path / "sq2.onnx"
+    assert main(["export", "squeezenet", "-o", str(out2), "--input-size", "64", "64", "--num-classes", "7",
+                 "--weights", str(w)]) == 0
+    assert out.read_bytes() == out2.read_bytes()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["build", "squeezenet2"], "unknown model 'squeezenet2' (did you mean 'squeezenet'?)"),
+    (["build", "squeezenet", "--target", "arn"], "unknown target 'arn' (did you mean 'arm'?)"),
+    (["build", "squeezenet", "--target", "arm", "--cpu", "cortex-q1"], "unknown --cpu 'cortex-q1'"),
+    (["build", "squeezenet", "--target", "cuda", "--arch", "volta"], "unknown --arch 'volta'"),
+    (["build", "missing.onnx"], "does not exist"),
+    (["build", "squeezenet", "--weights", "nope.npz"], "weights file nope.npz does not exist"),
+    (["build", "squeezenet", "--input-size", "8", "8"], "too small"),
+    (["export", "squeezenet", "-o", "x.txt"], "must end in .onnx"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, needle):
+    code, _, err = run_cli(*args, cwd=tmp_path)
+    assert code == 2
+    assert needle in _error_line(err)
+    assert not (tmp_path / "compiled").exists() or not any((tmp_path / "compiled").iterdir())
+
+
+def test_corrupt_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    code, _, err = run_cli("build", str(bad), cwd=tmp_path)
+    assert code == 2
+    assert "bad.onnx" in _error_line(err) and "not" in err
+
+
+def test_weights_with_wrong_tensors(tmp_path):
+    w = tmp_path / "w.npz"
+    assert main(["export", "squeezenet", "--save-weights", str(w)]) == 0
+    sd = dict(np.load(w))
+    sd.pop("features.0.bias")
+    sd["features.3.squeeze.weight"] = np.zeros((1, 2, 3, 4), np.float32)
+    sd["extra.weight"] = np.zeros(3, np.float32)
+    np.savez(tmp_path / "bad.npz", **sd)
+    code, _, err = run_cli("build", "squeezenet", "--weights", str(tmp_path / "bad.npz"), cwd=tmp_path)
+    line = _error_line(err)
+    assert code == 2
+    assert "missing 1: features.0.bias" in line
+    assert "unexpected 1: extra.weight" in line
+    assert "features.3.squeeze.weight: expected [16, 64, 1, 1], got [1, 2, 3, 4]" in line
+    assert not (tmp_path / "compiled").exists()
+
+
+def test_build_an_onnx_file_for_x86(tmp_path):
+    src = tmp_path / "net.onnx"
+    assert main(["export", "squeezenet1_0", "-o", str(src), "--input-size", "64", "64"]) == 0
+    code, out, err = run_cli("build", str(src), "--target", "x86", "--json", cwd=tmp_path)
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["model"]["kind"] == "file" and m["verification"]["status"] == "passed"
+    assert (tmp_path / "compiled" / "net-x86" / "model.so").is_file()
+    assert "[3/4] verifying" in err  # progress goes to stderr
+
+
+def test_python_api_mirrors_the_cli(tmp_path):
+    import graphgen
+
+    res = graphgen.build("squeezenet", target="arm", input_size=(64, 64), out=tmp_path / "lib")
+    assert res.ok and (res.path / "model.so").is_file()
