@@ -299,11 +299,40 @@ def _verify_cuda(lib_path, spec, model, result, tolerance, seed) -> dict:
     return result
 
 
-def list_models() -> list[dict]:
-    from graphgen.registry import recipes
+def info(model: str, *, input_size=None, num_classes: int | None = None, options: dict | None = None):
+    """Per-layer table (name, op, output shape, params, multiply-adds, memory access cost) and totals.
+
+    Returns (rows, totals) of :mod:`graphgen.analysis`. Recipes are built shape-only (no weight data),
+    so even the largest networks answer in a fraction of a second.
+    """
+    from graphgen.analysis import layer_table, totals
+    from graphgen.registry import build_recipe
+
+    if is_onnx_path(model):
+        if input_size is not None or num_classes is not None:
+            raise UserError("--input-size and --num-classes apply to recipes, not to .onnx files")
+        rows = layer_table(load_onnx_file(model))
+    else:
+        g = build_recipe(model, input_size=input_size, num_classes=num_classes, shape_only=True, **(options or {}))
+        rows = layer_table(g.model, set(g.parameter_names))
+    return rows, totals(rows)
+
+
+def list_models(stats: bool = True) -> list[dict]:
+    """Every recipe with family, source, default input size and (with ``stats``) params and multiply-adds."""
+    from graphgen.analysis import layer_table, totals
+    from graphgen.registry import build_recipe, recipes
 
     rows = []
     for r in recipes():
-        rows.append({"name": r.name, "family": r.family, "source": r.source, "input_size": list(r.input_size),
-                     "aliases": list(r.aliases), "description": r.doc})
+        row = {"name": r.name, "family": r.family, "source": r.source, "input_size": list(r.input_size),
+               "aliases": list(r.aliases), "description": r.doc}
+        if stats:
+            g = build_recipe(r.name, shape_only=True)
+            row["params"] = g.parameter_count
+            try:
+                row["macs"] = totals(layer_table(g.model, set(g.parameter_names)))["macs"]
+            except UserError:
+                row["macs"] = None  # a graph ONNX shape inference cannot follow
+        rows.append(row)
     return rows

@@ -89,9 +89,13 @@ def conv_out_size(size: int, k: int, s: int, p_begin: int, p_end: int, d: int, c
 class GraphBuilder:
     """Collects nodes and initializers and emits an ``onnx.ModelProto``."""
 
-    def __init__(self, name: str, seed: int = 0, weights: dict[str, np.ndarray] | None = None):
+    def __init__(self, name: str, seed: int = 0, weights: dict[str, np.ndarray] | None = None,
+                 shape_only: bool = False):
         self.name = name
         self.seed = seed
+        #: emit parameters as shape-only tensors (no data): for counting and shape analysis of
+        #: big models without generating or serializing hundreds of MB of weights
+        self.shape_only = shape_only
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, np.ndarray] = {}
         self.inputs: list[Tensor] = []
@@ -183,7 +187,8 @@ class GraphBuilder:
             else:
                 value = given.astype(np.float32, copy=False)
         if value is None:
-            value = self._initial_value(full, shape, init, fan_in, std)
+            # np.zeros is lazily allocated: shape-only builds never touch the memory
+            value = np.zeros(shape, np.float32) if self.shape_only else self._initial_value(full, shape, init, fan_in, std)
         self.initializers[full] = value
         self._used_names.add(full)
         (self.buffer_names if buffer else self.parameter_names).append(full)
@@ -571,7 +576,9 @@ class GraphBuilder:
         if not self.outputs:
             raise ValueError("the graph has no outputs: call output()")
         self.check_weights()
-        inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in self.initializers.items()]
+        state = set(self.parameter_names + self.buffer_names) if self.shape_only else set()
+        inits = [_shape_only_tensor(k, v.shape) if k in state else numpy_helper.from_array(np.asarray(v), k)
+                 for k, v in self.initializers.items()]
         graph = helper.make_graph(
             self.nodes, self.name,
             [helper.make_tensor_value_info(t.name, _NP_TO_ONNX[t.dtype], list(t.shape)) for t in self.inputs],
@@ -582,9 +589,18 @@ class GraphBuilder:
                                   producer_name=PRODUCER, doc_string=doc)
         model.ir_version = 8  # opset 17 pairs with IR 8; keeps older runtimes able to load it
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        if check:
+        if check and not self.shape_only:
             onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def _shape_only_tensor(name: str, shape) -> onnx.TensorProto:
+    """A float tensor with dims and no data: only for shape-only builds (never run or saved)."""
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = TensorProto.FLOAT
+    t.dims.extend(int(d) for d in shape)
+    return t
 
 
 def _short_list(items: Iterable[str], limit: int = 8) -> str:

@@ -46,7 +46,14 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=False, metavar="FILE.onnx", help="where to write the ONNX file")
     e.add_argument("--save-weights", metavar="FILE", help="also write the weights (.npz or .safetensors)")
 
-    sub.add_parser("list", help="list the recipes")
+    i = sub.add_parser("info", help="per-layer params, multiply-adds and memory access cost")
+    i.add_argument("model", help="recipe name or a path to an .onnx file")
+    i.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="input height and width")
+    i.add_argument("--num-classes", type=int, metavar="N", help="number of output classes")
+    i.add_argument("--json", action="store_true", help="print rows and totals as JSON")
+
+    ls = sub.add_parser("list", help="list the recipes with params and multiply-adds")
+    ls.add_argument("--json", action="store_true", help="print as JSON")
     return parser
 
 
@@ -83,19 +90,39 @@ def _cmd_export(args) -> int:
 
 def _cmd_list(args) -> int:
     from graphgen import api
+    from graphgen.analysis import human_count
 
     rows = api.list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
     w = max(len(r["name"]) for r in rows)
     fw = max(len(r["family"]) for r in rows)
-    print(f"{'model':<{w}}  {'family':<{fw}}  {'input':>9}  source")
+    print(f"{'model':<{w}}  {'family':<{fw}}  {'params':>12}  {'mult-adds':>10}  {'input':>9}  source")
     for r in rows:
         size = "x".join(map(str, r["input_size"]))
         alias = f" (alias: {', '.join(r['aliases'])})" if r["aliases"] else ""
-        print(f"{r['name']:<{w}}  {r['family']:<{fw}}  {size:>9}  {r['source']}{alias}")
+        macs = human_count(r["macs"]) if r["macs"] is not None else "n/a"
+        print(f"{r['name']:<{w}}  {r['family']:<{fw}}  {r['params']:>12,}  {macs:>10}  {size:>9}  "
+              f"{r['source']}{alias}")
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "export": _cmd_export, "list": _cmd_list}
+def _cmd_info(args) -> int:
+    from dataclasses import asdict
+
+    from graphgen import api
+    from graphgen.analysis import format_table
+
+    rows, total = api.info(args.model, input_size=args.input_size, num_classes=args.num_classes)
+    if args.json:
+        print(json.dumps({"layers": [asdict(r) for r in rows], "totals": total}, indent=2))
+    else:
+        print(format_table(rows, total))
+    return 0
+
+
+COMMANDS = {"build": _cmd_build, "export": _cmd_export, "list": _cmd_list, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,10 +132,13 @@ class RecipeGraph:
     parameter_count: int
     state_dict: dict[str, np.ndarray] = field(repr=False)
     options: dict = field(default_factory=dict)
+    #: trainable parameters (torchvision's `parameters()`); the rest of state_dict are buffers
+    parameter_names: list[str] = field(default_factory=list)
 
 
 def build_recipe(name: str, *, input_size=None, num_classes: int | None = None, weights: dict | None = None,
-                 batch: int = 1, seed: int = 0, check: bool = True, **options) -> RecipeGraph:
+                 batch: int = 1, seed: int = 0, check: bool = True, shape_only: bool = False,
+                 **options) -> RecipeGraph:
     """Run a recipe and return its (unoptimized) ONNX graph."""
     recipe = get(name)
     h, w = tuple(input_size) if input_size else recipe.input_size
@@ -153,7 +156,7 @@ def build_recipe(name: str, *, input_size=None, num_classes: int | None = None, 
     if unknown:
         raise UserError(f"{recipe.name} has no option {', '.join(sorted(unknown))}; "
                         f"its options: {', '.join(recipe.options) or 'none'}")
-    b = GraphBuilder(recipe.name, seed=seed, weights=weights)
+    b = GraphBuilder(recipe.name, seed=seed, weights=weights, shape_only=shape_only)
     x = b.input("input", (batch, recipe.in_channels, h, w))
     try:
         out = recipe.fn(b, x, **kwargs)
@@ -168,4 +171,4 @@ def build_recipe(name: str, *, input_size=None, num_classes: int | None = None, 
         b.output(out, "output")
     model = b.build(check=check, doc=f"{recipe.name}: {recipe.doc}")
     return RecipeGraph(recipe, model, (h, w), nc if recipe.num_classes is not None else None,
-                       b.parameter_count(), b.state_dict(), kwargs)
+                       b.parameter_count(), b.state_dict(), kwargs, list(b.parameter_names))

@@ -102,3 +102,24 @@ def test_python_api_mirrors_the_cli(tmp_path):
 
     res = graphgen.build("squeezenet", target="arm", input_size=(64, 64), out=tmp_path / "lib")
     assert res.ok and (res.path / "model.so").is_file()
+
+
+def test_info_table_totals_equal_torchvision(capsys):
+    assert main(["info", "squeezenet1_0"]) == 0
+    out = capsys.readouterr().out
+    assert "features.3.squeeze" in out and "1,248,424" in out
+    assert main(["info", "squeezenet1_1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["totals"]["params"] == 1235496
+    assert abs(data["totals"]["macs"] / 0.349e9 - 1) < 0.01  # torchvision's 0.349 GFLOPS (multiply-adds)
+
+
+def test_list_has_params_and_macs_for_every_recipe(capsys):
+    from graphgen.registry import names
+
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(names())
+    assert rows["squeezenet1_0"]["params"] == 1248424
+    for r in rows.values():
+        assert r["params"] > 0 and r["family"] and r["source"]
