@@ -21,9 +21,13 @@ def assert_onnx_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, tole
 
 
 def assert_tvm_matches_ort(model: onnx.ModelProto, target: str = "x86", tolerance: float = DEFAULT_TOLERANCE,
-                           optimize: bool = True, seed: int = 0) -> None:
+                           optimize: bool = True, seed: int = 0, params_as_inputs: bool = False) -> None:
     """Optimize (as a build does), compile for the host with TVM, run the library in TVM's VM, and
-    compare with onnxruntime on the *unoptimized* model."""
+    compare with onnxruntime on the *unoptimized* model.
+
+    ``params_as_inputs`` compiles the same kernels with the weights passed at run time instead of
+    embedded (hundreds of MB for VGG-sized nets): for keeping CI fast on very large models.
+    """
     from graphgen.compile import compile_model, resolve_target, run_library
     from graphgen.optimize import optimize as run_optimizer
 
@@ -33,8 +37,8 @@ def assert_tvm_matches_ort(model: onnx.ModelProto, target: str = "x86", toleranc
     expected = run_onnxruntime(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "model.so"
-        compile_model(optimized, spec, lib)
-        got = run_library(lib, spec, optimized, inputs)
+        info = compile_model(optimized, spec, lib, params_as_inputs=params_as_inputs)
+        got = run_library(lib, spec, optimized, inputs, info.get("detached_params"))
     c = compare(got, expected, [o.name for o in model.graph.output], tolerance)
     assert c.ok, c.summary() + (f" ({c.detail})" if c.detail else "")
 

@@ -38,7 +38,7 @@ def prepare_for_tvm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def import_onnx(model: onnx.ModelProto):
+def import_onnx(model: onnx.ModelProto, params_as_inputs: bool = False):
     import tvm.relax.frontend.onnx  # noqa: F401  (registers the frontend)
     from tvm import relax
 
@@ -47,7 +47,7 @@ def import_onnx(model: onnx.ModelProto):
         with warnings.catch_warnings():
             # the importer warns about value_info without shapes; our graphs are fully shaped
             warnings.simplefilter("ignore", UserWarning)
-            return relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
+            return relax.frontend.onnx.from_onnx(model, keep_params_in_input=params_as_inputs)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise BuildError(f"TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from e
@@ -69,10 +69,14 @@ def lld_fcompile(spec: TargetSpec):
     return fcompile
 
 
-def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None) -> dict:
+def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None,
+                  params_as_inputs: bool = False) -> dict:
     """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
 
     Returns facts for the manifest (timings, how it was linked, CUDA device code).
+    ``params_as_inputs`` (tests of very large models only) keeps the weights out of the
+    library: the same kernels, called with the weights as extra arguments, which
+    ``info["detached_params"]`` then holds in call order.
     """
     import tvm
     from tvm import relax
@@ -81,7 +85,10 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     out_path = Path(out_path)
     info: dict = {}
     t0 = time.perf_counter()
-    mod = import_onnx(model)
+    mod = import_onnx(model, params_as_inputs)
+    if params_as_inputs:
+        mod, detached = relax.frontend.detach_params(mod)
+        info["detached_params"] = [p.numpy() for p in detached.get("main", [])]
     info["import_seconds"] = round(time.perf_counter() - t0, 3)
     target = spec.tvm_target()
     t1 = time.perf_counter()
@@ -106,7 +113,8 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     return info
 
 
-def run_library(lib_path: str | Path, spec: TargetSpec, model: onnx.ModelProto, inputs: dict) -> list:
+def run_library(lib_path: str | Path, spec: TargetSpec, model: onnx.ModelProto, inputs: dict,
+                extra_args: list | None = None) -> list:
     """Load a host-runnable library in TVM's Relax VM and run it on ``inputs`` (numpy, by input name)."""
     import numpy as np
     import tvm
@@ -120,6 +128,7 @@ def run_library(lib_path: str | Path, spec: TargetSpec, model: onnx.ModelProto, 
     dev = tvm.cpu() if spec.arch != "cuda" else tvm.cuda()
     vm = relax.VirtualMachine(lib, dev)
     args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name]), dev) for v in graph_inputs(model)]
+    args += [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (extra_args or [])]
     out = vm["main"](*args)
     outs = _flatten(out)
     return [o.numpy() for o in outs]
