@@ -149,9 +149,10 @@ class GraphBuilder:
         rng = np.random.default_rng(_seed_for(self.seed, full))
         if init == "kaiming":
             fan = fan_in if fan_in else int(np.prod(shape[1:])) or 1
-            return (rng.standard_normal(shape) * math.sqrt(2.0 / fan)).astype(np.float32)
+            # float32 draws: half the time of float64 for 100M-parameter classifiers
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan))
         if init == "normal":
-            return (rng.standard_normal(shape) * (std if std is not None else 0.01)).astype(np.float32)
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(std if std is not None else 0.01)
         if init == "bias":  # small non-zero biases so folding passes are really tested
             return (rng.uniform(-0.1, 0.1, shape)).astype(np.float32)
         if init == "bn_weight":
