@@ -157,6 +157,11 @@ class GraphBuilder:
             return (rng.uniform(-0.1, 0.1, shape)).astype(np.float32)
         if init == "bn_weight":
             return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        if init == "bn_weight_residual":
+            # small but non-zero (torchvision's zero_init_residual idea): with random weights and
+            # uncalibrated running stats, full-scale residual branches double the activations per
+            # block and deep nets reach float32's rounding limits; non-zero keeps folding tested
+            return rng.uniform(0.05, 0.25, shape).astype(np.float32)
         if init == "bn_bias":
             return rng.uniform(-0.2, 0.2, shape).astype(np.float32)
         if init == "bn_mean":
@@ -282,11 +287,15 @@ class GraphBuilder:
             attrs["output_padding"] = list(op)
         return self._emit("ConvTranspose", ins, name, (x.shape[0], out_channels, *out_hw), **attrs)
 
-    def batch_norm(self, x: Tensor, name: str = "bn", eps: float = 1e-5, momentum: float = 0.1) -> Tensor:
-        """nn.BatchNorm2d / 1d in eval mode: weight, bias, running_mean, running_var (+ num_batches_tracked)."""
+    def batch_norm(self, x: Tensor, name: str = "bn", eps: float = 1e-5, momentum: float = 0.1,
+                   residual_end: bool = False) -> Tensor:
+        """nn.BatchNorm2d / 1d in eval mode: weight, bias, running_mean, running_var (+ num_batches_tracked).
+
+        ``residual_end``: the last BN of a residual branch; its seeded scale starts small.
+        """
         c = x.channels
         with self.scope(name):
-            w = self.param("weight", (c,), "bn_weight")
+            w = self.param("weight", (c,), "bn_weight_residual" if residual_end else "bn_weight")
             b = self.param("bias", (c,), "bn_bias")
             m = self.param("running_mean", (c,), "bn_mean", buffer=True)
             v = self.param("running_var", (c,), "bn_var", buffer=True)

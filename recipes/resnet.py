@@ -48,12 +48,12 @@ BranchEnd = Callable[[GraphBuilder, Tensor], Tensor]
 
 
 def conv_bn(b: GraphBuilder, x: Tensor, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-            dilation: int = 1, conv: str = "conv1", bn: str = "bn1") -> Tensor:
+            dilation: int = 1, conv: str = "conv1", bn: str = "bn1", residual_end: bool = False) -> Tensor:
     """A bias-free conv (padding keeps the size at stride 1, like torchvision's conv3x3/conv1x1) then BN."""
     padding = dilation * (kernel_size // 2)
     x = b.conv(x, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
                bias=False, name=conv)
-    return b.batch_norm(x, name=bn)
+    return b.batch_norm(x, name=bn, residual_end=residual_end)
 
 
 def _projection(b: GraphBuilder, x: Tensor, out_channels: int, stride: int) -> Tensor:
@@ -71,7 +71,7 @@ def basic_block(b: GraphBuilder, x: Tensor, planes: int, stride: int = 1, downsa
     if dilation > 1:
         raise ValueError("the basic block does not support dilation (as in torchvision): use a bottleneck")
     out = b.relu(conv_bn(b, x, planes, 3, stride, conv="conv1", bn="bn1"), name="relu")
-    out = conv_bn(b, out, planes, 3, conv="conv2", bn="bn2")
+    out = conv_bn(b, out, planes, 3, conv="conv2", bn="bn2", residual_end=True)
     if branch_end is not None:
         out = branch_end(b, out)
     identity = _projection(b, x, planes, stride) if downsample else x
@@ -89,7 +89,7 @@ def bottleneck(b: GraphBuilder, x: Tensor, planes: int, stride: int = 1, downsam
     width = int(planes * (base_width / 64.0)) * groups
     out = b.relu(conv_bn(b, x, width, 1, conv="conv1", bn="bn1"), name="relu")
     out = b.relu(conv_bn(b, out, width, 3, stride, groups, dilation, conv="conv2", bn="bn2"), name="relu_1")
-    out = conv_bn(b, out, planes * 4, 1, conv="conv3", bn="bn3")
+    out = conv_bn(b, out, planes * 4, 1, conv="conv3", bn="bn3", residual_end=True)
     if branch_end is not None:
         out = branch_end(b, out)
     identity = _projection(b, x, planes * 4, stride) if downsample else x
