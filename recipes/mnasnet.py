@@ -35,10 +35,10 @@ def round_to_multiple_of(val: float, divisor: int = 8, round_up_bias: float = 0.
 
 
 def _conv_bn(b: GraphBuilder, x: Tensor, i: int, out: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-             relu: bool = True) -> tuple[Tensor, int]:
+             relu: bool = True, residual_end: bool = False) -> tuple[Tensor, int]:
     """conv at index i, BN at i+1, ReLU at i+2 of a flat Sequential; returns the next free index."""
     x = b.conv(x, out, kernel, stride, kernel // 2, groups=groups, bias=False, name=str(i))
-    x = b.batch_norm(x, name=str(i + 1))
+    x = b.batch_norm(x, name=str(i + 1), residual_end=residual_end)
     if relu:
         return b.relu(x, name=str(i + 2)), i + 3
     return x, i + 2
@@ -51,7 +51,7 @@ def inverted_residual(b: GraphBuilder, x: Tensor, out: int, kernel: int, stride:
     with b.scope("layers"):
         x, i = _conv_bn(b, x, 0, mid)
         x, i = _conv_bn(b, x, i, mid, kernel, stride, groups=mid)
-        x, _ = _conv_bn(b, x, i, out, relu=False)
+        x, _ = _conv_bn(b, x, i, out, relu=False, residual_end=stride == 1 and inp.channels == out)
     if stride == 1 and inp.channels == out:
         x = b.add(x, inp, name="add")
     return x

@@ -129,13 +129,14 @@ def activation(b: GraphBuilder, x: Tensor, kind: str | None, name: str | None = 
 
 
 def conv_norm_act(b: GraphBuilder, x: Tensor, out: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-                  dilation: int = 1, act: str | None = "relu", eps: float = 1e-5, name=None) -> Tensor:
+                  dilation: int = 1, act: str | None = "relu", eps: float = 1e-5, name=None,
+                  residual_end: bool = False) -> Tensor:
     """torchvision's Conv2dNormActivation: ``<name>.0`` bias-free conv with 'same'-style padding
     (k-1)/2*dilation, ``<name>.1`` BatchNorm, ``<name>.2`` activation (None: none)."""
     pad = (kernel - 1) // 2 * dilation
     with b.scope(name):
         x = b.conv(x, out, kernel, stride, pad, dilation, groups, bias=False, name="0")
-        x = b.batch_norm(x, name="1", eps=eps)
+        x = b.batch_norm(x, name="1", eps=eps, residual_end=residual_end)
         return activation(b, x, act, name="2")
 
 
@@ -192,7 +193,8 @@ def inverted_residual(b: GraphBuilder, x: Tensor, cnf: MBConvConfig, eps: float 
                                              dilation=cnf.dilation, act=cnf.act, eps=eps, name=i))
     if cnf.se_channels:
         layers.append(lambda t, i: squeeze_excitation(b, t, cnf.se_channels, cnf.se_act, cnf.se_gate, name=i))
-    layers.append(lambda t, i: conv_norm_act(b, t, cnf.out_channels, 1, act=None, eps=eps, name=i))
+    layers.append(lambda t, i: conv_norm_act(b, t, cnf.out_channels, 1, act=None, eps=eps, name=i,
+                                             residual_end=cnf.use_residual))
     inp = x
     with b.scope(scope):
         for i in range(len(layers))[part]:
@@ -286,7 +288,7 @@ def inverted_residual_v2(b: GraphBuilder, x: Tensor, out: int, stride: int, expa
             i += 1
         x = conv_norm_act(b, x, hidden, 3, stride, groups=hidden, act="relu6", name=i)
         x = b.conv(x, out, 1, bias=False, name=str(i + 1))
-        x = b.batch_norm(x, name=str(i + 2))
+        x = b.batch_norm(x, name=str(i + 2), residual_end=stride == 1 and inp.channels == out)
     if stride == 1 and inp.channels == out:
         x = b.add(inp, x, name="add")
     return x
