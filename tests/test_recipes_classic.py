@@ -9,7 +9,7 @@ import pytest
 from graphgen.builder import GraphBuilder
 from graphgen.errors import UserError
 from graphgen.registry import build_recipe, get
-from graphgen.testing import assert_tvm_matches_ort, onnx_full_check, run_recipe_on_ort
+from graphgen.testing import onnx_full_check, run_recipe_on_ort
 from graphgen.verify import random_inputs, run_onnxruntime
 
 # torchvision 0.29 num_params (/work/shared/reference/model_facts.tsv; vgg13/vgg13_bn from
@@ -300,34 +300,4 @@ def test_sppnet_lrn_is_caffe_within_channel():
     np.testing.assert_allclose(got["norm1"][0], x * (1 + 5e-5 * window_mean) ** -0.75, rtol=1e-5, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- TVM
-def _truncated(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """The sub-graph from the input up to `output` (drops the unused classifier weights)."""
-    return onnx.utils.Extractor(model).extract_model([model.graph.input[0].name], [output])
-
-
-# One representative per family at its small input (the first two are still cached from the
-# tests above). AlexNet runs whole, with 10 classes: its 4096-wide Linear/ReLU/Dropout classifier
-# is the op chain VGG and SPP-net end with too. For those two (102M and 22M fc6 weights) TVM is
-# checked up to the classifier input: compiling a whole VGG takes ~8 GB of memory and over a
-# minute on the 2-core CI machine, and its classifier adds no op kind the AlexNet check lacks.
-TVM_CASES = [
-    ("vgg11_bn", {}, "flatten"),
-    ("alexnet", {"input_size": (127, 127), "num_classes": 10}, None),
-    ("lenet5", {}, None),
-    ("googlenet", {}, None),
-    ("inception_v3", {}, None),
-    ("nin", {}, None),
-    ("sppnet", {}, "spp"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,options,output", TVM_CASES, ids=[c[0] for c in TVM_CASES])
-def test_tvm_x86_matches_onnxruntime(name, options, output):
-    model = small(name, **options).model
-    if output is not None:
-        full = len(model.graph.initializer)
-        model = _truncated(model, output)
-        assert 0 < len(model.graph.initializer) < full
-    assert_tvm_matches_ort(model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from graphgen.registry import build_recipe, get
-from graphgen.testing import assert_tvm_matches_ort, onnx_full_check, run_recipe_on_ort
+from graphgen.testing import onnx_full_check, run_recipe_on_ort
 
 # torchvision 0.29 num_params (/work/shared/reference/model_facts.tsv)
 SHUFFLENET_V2_PARAMS = {
@@ -139,8 +139,7 @@ def test_shufflenet_v2_flops_match_torchvision():
     assert macs(build_recipe("shufflenet_v2_x1_0").model) / 1e9 == pytest.approx(0.145, rel=0.01)
 
 
-def test_shufflenet_v2_tvm():
-    assert_tvm_matches_ort(small("shufflenet_v2_x0_5").model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py
 
 
 # ------------------------------------------------------------------------------------------------ ShuffleNet V1
@@ -228,8 +227,7 @@ def test_shufflenet_v1_rejects_unknown_scale():
         build_recipe("shufflenet_v1", input_size=(32, 32), scale_factor=0.75)
 
 
-def test_shufflenet_v1_tvm():
-    assert_tvm_matches_ort(small("shufflenet_v1").model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py
 
 
 # ------------------------------------------------------------------------------------------------ Xception
@@ -267,9 +265,7 @@ def test_xception_padding_and_shapes_at_299():
     assert shapes["block12.add"] == [1, 1024, 10, 10] and shapes["relu4"] == [1, 2048, 10, 10]
 
 
-def test_xception_tvm():
-    # 64x64 exercises every layer, including the bottom/right-only pool padding of even sizes (8 and 4)
-    assert_tvm_matches_ort(small("xception").model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py
 
 
 # ------------------------------------------------------------------------------------------------ SqueezeNet bypass
@@ -302,9 +298,7 @@ def test_squeezenet_complex_bypass():
     assert {k for k in sd if "bypass" not in k} == set(small("squeezenet1_0").state_dict)
 
 
-@pytest.mark.parametrize("name", ["squeezenet1_0_simple_bypass", "squeezenet1_0_complex_bypass"])
-def test_squeezenet_bypass_tvm(name):
-    assert_tvm_matches_ort(small(name).model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py
 
 
 # ------------------------------------------------------------------------------------------------ flattened
@@ -343,5 +337,4 @@ def test_flattened_options():
     assert "features.1.lateral1.weight" not in g.state_dict
 
 
-def test_flattened_tvm():
-    assert_tvm_matches_ort(small("flattened").model)
+# TVM x86 vs onnxruntime for every recipe at its test size: tests/test_zoo.py

@@ -130,7 +130,6 @@ def resolve_target(target: str | dict, cpu: str | None = None, arch: str | None 
     if name == "x86":
         mcpu = cpu or host_cpu()
         _check_cpu(mcpu, X86_TRIPLE, name)
-        flags = _host_flags()
         return TargetSpec(name, {"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": mcpu}, "x86_64",
                           _host_is_x86() and (cpu is None or cpu == host_cpu()), {"cpu": mcpu})
     if name in ("x86-64-v3", "avx512"):

@@ -13,10 +13,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -70,13 +68,17 @@ def lld_fcompile(spec: TargetSpec):
 
 
 def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None,
-                  params_as_inputs: bool = False) -> dict:
+                  params_as_inputs: bool = False, database=None, default_schedules: bool = True) -> dict:
     """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
 
     Returns facts for the manifest (timings, how it was linked, CUDA device code).
     ``params_as_inputs`` (tests of very large models only) keeps the weights out of the
     library: the same kernels, called with the weights as extra arguments, which
     ``info["detached_params"]`` then holds in call order.
+    CPU targets: every kernel gets the tuning ``database``'s schedule (a folder path, or None)
+    when it has one, else graphgen's default schedule (see :mod:`graphgen.tune.pipeline`);
+    ``info["schedules"]`` counts which. ``default_schedules=False`` with no database gives
+    TVM's plain default pipeline.
     """
     import tvm
     from tvm import relax
@@ -93,8 +95,13 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     target = spec.tvm_target()
     t1 = time.perf_counter()
     try:
-        pipeline = relax.get_default_pipeline(target)
-        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        if spec.arch != "cuda" and (database is not None or default_schedules):
+            from graphgen.tune.pipeline import compile_cpu
+
+            executable = compile_cpu(mod, spec, database, default_schedules, info, log)
+        else:
+            pipeline = relax.get_default_pipeline(target)
+            executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except UserError:
         raise
     except Exception as e:
