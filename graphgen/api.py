@@ -153,12 +153,16 @@ def default_out_dir(name: str, target_slug: str, root: Path = DEFAULT_OUT_ROOT) 
 def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arch: str | None = None,
           out: str | Path | None = None, input_size=None, num_classes: int | None = None, weights=None,
           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, options: dict | None = None,
-          progress=_quiet) -> BuildResult:
+          progress=_quiet, verify: str = "host", rpc: str | None = None, rpc_tracker: str | None = None,
+          rpc_key: str | None = None, tune: bool = False, trials: int | None = None, minutes: float | None = None,
+          db: str | Path | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into ``compiled/<model>-<target>/`` (or ``out``).
 
     Steps: recipe/ONNX -> optimizer (each pass checked on onnxruntime) -> TVM compile -> verify
     -> manifest -> rename into place. Raises UserError on bad input (nothing written) and
     BuildError/VerificationError when the build or its check fails (nothing published).
+    CPU targets use the target's tuning database when one exists (``db`` names another);
+    ``tune`` tunes first (``trials``/``minutes``; boards through ``rpc_tracker``/``rpc_key``).
     """
     from graphgen.compile import compile_model, resolve_target
     from graphgen.optimize import optimize
@@ -167,19 +171,33 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
 
     t_start = time.perf_counter()
     spec = resolve_target(target, cpu=cpu, arch=arch)
+    from graphgen.emulate import check_mode
+
+    # verify: "host" (run here if the target is this host, else ELF checks), "emulate" (qemu, arm/armv7),
+    # "rpc" (a board running tvm.exec.rpc_server: rpc="HOST:PORT" or rpc_tracker + rpc_key); see graphgen.emulate
+    verify_mode, remote = check_mode(verify, spec, rpc, rpc_tracker, rpc_key)
     src = load_model(model, input_size=input_size, num_classes=num_classes, weights=weights, seed=seed,
                      options=options)
     dest = Path(out) if out is not None else default_out_dir(src.name, spec.slug)
     progress(f"[1/4] {src.name}: {len(src.model.graph.node)} nodes; optimizing (each pass checked on onnxruntime)")
     opt = optimize(src.model, verify=True, tolerance=tolerance)
     progress(f"      {sum(opt.before.values())} -> {sum(opt.after.values())} nodes")
+    from graphgen.tune import build_database, manifest_section
+
+    if tune:
+        progress(f"      tuning {src.name} for {spec.name} (MetaSchedule; Ctrl-C keeps the trials, run again to resume)")
+    db_path, tune_result = build_database(opt.model, spec, tune=tune, trials=trials, minutes=minutes, db=db,
+                                          rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                                          progress=progress if tune and progress is not _quiet else None)
     with StagedDir(dest) as stage:
         onnx_path = save_onnx(opt.model, stage.path("model.onnx"))
         lib_path = stage.path("model.so")
         progress(f"[2/4] compiling for {spec.name} with TVM {tvm.__version__} ({_target_brief(spec)})")
-        build_info = compile_model(opt.model, spec, lib_path, log=lambda m: progress("      " + m))
+        build_info = compile_model(opt.model, spec, lib_path, log=lambda m: progress("      " + m),
+                                   database=db_path)
         progress(f"[3/4] verifying")
-        verification = verify_library(lib_path, spec, opt.model, tolerance=tolerance, seed=VERIFY_SEED)
+        verification = verify_library(lib_path, spec, opt.model, tolerance=tolerance, seed=VERIFY_SEED,
+                                      mode=verify_mode, remote=remote, progress=progress)
         progress(f"      {verification['summary']}")
         manifest = {
             "graphgen_version": __version__,
@@ -189,7 +207,7 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
             "io": io_spec(opt.model),
             "target": {"name": spec.name, "arch": spec.arch, "tvm": spec.tvm_json, **spec.details},
             "optimizer": opt.report(),
-            "tuning": {"status": "untuned", "note": "default schedules of the Relax pipeline; no tuning database"},
+            "tuning": manifest_section(build_info, tune_result),
             "build": {**build_info, "host": platform.platform(),
                       "seconds": None},
             "verification": verification,
@@ -210,7 +228,7 @@ def _target_brief(spec) -> str:
 
 
 def verify_library(lib_path: Path, spec, model: onnx.ModelProto, *, tolerance: float = DEFAULT_TOLERANCE,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, mode: str = "host", remote=None, progress=None) -> dict:
     """Run the library against onnxruntime where this host can, else check what can be checked statically."""
     import onnxruntime
 
@@ -226,12 +244,18 @@ def verify_library(lib_path: Path, spec, model: onnx.ModelProto, *, tolerance: f
         result.update(status="failed", summary=f"library is not a {spec.arch} shared object: {elf_problem}",
                       errors=[elf_problem])
         return result
+    if mode != "host":  # qemu emulation or a board over TVM RPC
+        from graphgen.emulate import verify_elsewhere
+
+        return verify_elsewhere(mode, lib_path, spec, model, result, tolerance=tolerance, seed=seed, remote=remote,
+                                progress=progress)
     if spec.arch == "cuda":
         return _verify_cuda(lib_path, spec, model, result, tolerance, seed)
     if not spec.host_runnable:
         result.update(status="not_executed", ran_on=None,
                       summary=f"{spec.arch} ELF shared object checked ({_elf_brief(elf)}); not executed on this "
-                              f"{platform.machine()} host")
+                              f"{platform.machine()} host" + ("; --verify emulate runs it under qemu, --rpc on a board"
+                                                             if spec.arch in ("aarch64", "armv7") else ""))
         return result
     inputs = random_inputs(model, seed)
     expected = run_onnxruntime(model, inputs)
@@ -316,6 +340,38 @@ def info(model: str, *, input_size=None, num_classes: int | None = None, options
         g = build_recipe(model, input_size=input_size, num_classes=num_classes, shape_only=True, **(options or {}))
         rows = layer_table(g.model, set(g.parameter_names))
     return rows, totals(rows)
+
+
+def verify(model: str | Path, target: str | dict | None = None, *, mode: str = "host", rpc: str | None = None,
+           rpc_tracker: str | None = None, rpc_key: str | None = None, tolerance: float | None = None,
+           progress=_quiet, **build_options) -> BuildResult:
+    """Verify a build folder again (``mode`` "host", "emulate" or "rpc"; the result goes into its manifest),
+    or, for a recipe name or .onnx file, build it with that verification (``build_options`` as for build)."""
+    from graphgen.emulate import verify_artifact
+
+    if Path(str(model)).is_dir():
+        if target is not None or build_options:
+            raise UserError(f"{model} is a build folder: its target and options come from its manifest")
+        return verify_artifact(model, mode, rpc=rpc, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                               tolerance=tolerance, progress=progress)
+    return build(str(model), target or "x86", verify=mode, rpc=rpc, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                 tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE, progress=progress,
+                 **build_options)
+
+
+def optimize_file(path: str | Path, out: str | Path, *, passes: list[str] | None = None, verify: bool = True,
+                  tolerance: float = DEFAULT_TOLERANCE):
+    """Optimize any ONNX file into ``out`` (``graphgen optimize``); returns the OptimizeResult
+    (``.format()`` is the per-op-type report). With ``verify`` each pass is checked against the
+    graph before it on onnxruntime (PassEquivalenceError names a pass that changes outputs)."""
+    from graphgen.optimize import optimize
+
+    if not str(out).lower().endswith(".onnx"):
+        raise UserError(f"-o {out}: the output file must end in .onnx")
+    model = load_onnx_file(path)
+    res = optimize(model, passes=passes, verify=verify, tolerance=tolerance)
+    save_onnx(res.model, out)
+    return res
 
 
 def list_models(stats: bool = True) -> list[dict]:

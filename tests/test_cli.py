@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -53,6 +52,8 @@ def test_export_writes_the_unoptimized_graph_and_weights(tmp_path, capsys):
     (["build", "squeezenet", "--weights", "nope.npz"], "weights file nope.npz does not exist"),
     (["build", "squeezenet", "--input-size", "8", "8"], "too small"),
     (["export", "squeezenet", "-o", "x.txt"], "must end in .onnx"),
+    (["export", "squeezenet", "-o", "x.onnx", "--postprocess"], "squeezenet1_1 has no option postprocess"),
+    (["export", "squeezenet", "-o", "x.onnx", "--option", "depth"], "expected KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, needle):
     code, _, err = run_cli(*args, cwd=tmp_path)
@@ -123,3 +124,13 @@ def test_list_has_params_and_macs_for_every_recipe(capsys):
     assert rows["squeezenet1_0"]["params"] == 1248424
     for r in rows.values():
         assert r["params"] > 0 and r["family"] and r["source"]
+
+
+def test_recipe_options_reach_the_recipe(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "mobilenet_v2", "-o", str(out), "--input-size", "32", "32",
+                 "--option", "width_mult=0.5"]) == 0
+    narrow = sum(int(np.prod(i.dims)) for i in onnx.load(str(out)).graph.initializer)
+    assert main(["export", "mobilenet_v2", "-o", str(out), "--input-size", "32", "32"]) == 0
+    full = sum(int(np.prod(i.dims)) for i in onnx.load(str(out)).graph.initializer)
+    assert narrow < full

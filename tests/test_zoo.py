@@ -1,10 +1,14 @@
 """Every registered recipe, end to end at its small test size:
 
-* the optimizer (every pass checked against the graph before it on onnxruntime),
+* the optimizer (every pass checked against the graph before it on onnxruntime, never more nodes),
 * a TVM x86 library whose outputs equal onnxruntime's on the raw recipe graph,
 * a TVM aarch64 library (the `graphgen build MODEL --target arm` pipeline) that is an aarch64 ELF.
-  Its LLVM back end runs at opt-level 0 here: the same Relax/TIR lowering and the same kernels,
-  2.5x faster to compile, and it is the lowering, not LLVM's optimizer, that can refuse a graph.
+
+Both run LLVM's back end at opt-level 0: the same Relax/TIR lowering, the same kernels and the
+same IEEE arithmetic (TVM does not enable fast-math), 2.5x faster to compile, which is what keeps
+81 networks inside CI's time. The optimized back end that builds ship with is exercised on real
+builds in tests/test_compile.py (x86 verified, arm, armv7, cuda) and tests/test_emulate.py
+(aarch64 run under qemu).
 
 Networks above BIG parameters are compiled with their weights as run-time arguments: the same
 kernels, without writing several hundred MB libraries per test (a VGG's classifier alone is 400 MB);
@@ -28,11 +32,14 @@ def test_recipe_builds_for_x86_and_arm(name, tmp_path):
     size = recipe.test_input_size or recipe.input_size
     g = build_recipe(name, input_size=size)
     detach = g.parameter_count > BIG
-    optimized = optimize(g.model, verify=True).model
+    result = optimize(g.model, verify=True)  # raises PassEquivalenceError naming a pass that breaks it
+    report = result.report()
+    assert report["nodes_after"] <= report["nodes_before"]
+    optimized = result.model
 
     inputs = random_inputs(g.model)
     expected = run_onnxruntime(g.model, inputs)
-    x86 = resolve_target("x86")
+    x86 = resolve_target({**resolve_target("x86").tvm_json, "opt-level": 0})
     info = compile_model(optimized, x86, tmp_path / "x86.so", params_as_inputs=detach)
     got = run_library(tmp_path / "x86.so", x86, optimized, inputs, info.get("detached_params"))
     c = compare(got, expected, [o.name for o in g.model.graph.output])

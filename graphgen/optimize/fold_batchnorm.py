@@ -1,10 +1,19 @@
-"""Fold an inference BatchNormalization into the Conv that feeds it.
+"""Fold an inference BatchNormalization into the layer that feeds it.
 
-    y = gamma * (conv(x, W) + b - mean) / sqrt(var + eps) + beta
-      = conv(x, W * s) + (b - mean) * s + beta,      s = gamma / sqrt(var + eps)
+    y = gamma * (layer(x) - mean) / sqrt(var + eps) + beta = layer(x) * s + t,
+    s = gamma / sqrt(var + eps),  t = beta - mean * s
 
-applied per output channel. Only when the Conv's output feeds nothing but the BN and
-its weights are constants.
+per output channel, taken by the layer's constants (:func:`channels.affine_producer`):
+
+* Conv, any groups: weight rows and bias;
+* ConvTranspose, any groups: weight [I, O/g, k...] per output channel (o // (O/g), o % (O/g));
+* Gemm: the output columns of B and the bias C (beta folded in);
+* MatMul + Add (a Linear exported as two nodes): B's columns and the Add's constant;
+* MatMul alone (2-D): becomes a Gemm carrying the shift as its bias.
+
+Only when the layer's output feeds nothing but the BN. A BN after an activation, a residual
+Add or a Concat has no such layer: ``fold_affine_forward`` and ``batchnorm_to_mul_add`` deal
+with it.
 """
 
 from __future__ import annotations
@@ -12,51 +21,64 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graphgen.optimize.graph import GraphView, attr
+from graphgen.optimize.channels import affine_producer
+from graphgen.optimize.graph import GraphView, attr, static_shapes
 
 NAME = "fold_batchnorm"
 
 
-def _bn_scale_shift(view: GraphView, bn: onnx.NodeProto):
+def bn_scale_shift(view: GraphView, bn: onnx.NodeProto):
+    """(scale, shift) of an inference BN with constant parameters, float64, or None."""
+    if len(bn.input) < 5:
+        return None
     arrays = [view.array(n) for n in bn.input[1:5]]
     if any(a is None for a in arrays):
         return None
-    gamma, beta, mean, var = (a.astype(np.float64) for a in arrays)
+    gamma, beta, mean, var = (a.astype(np.float64).reshape(-1) for a in arrays)
     scale = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
     return scale, beta - mean * scale
 
 
+def _inference_bn(view: GraphView, bn) -> bool:
+    return (bn.op_type == "BatchNormalization" and not attr(bn, "training_mode", 0)
+            and all(not o or not view.consumers.get(o) and o not in view.graph_outputs for o in bn.output[1:]))
+
+
 def run(model: onnx.ModelProto) -> int:
     view = GraphView(model)
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if not bns:
+        return 0
+    shapes = static_shapes(model)
     folded = 0
-    for bn in list(model.graph.node):
-        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+    for bn in bns:
+        if not _inference_bn(view, bn):
             continue
-        conv = view.producer.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or view.only_consumer(conv.output[0]) is not bn:
+        x = bn.input[0]
+        layer = view.producer.get(x)
+        if layer is None or view.only_consumer(x) is not bn:
             continue
-        w = view.array(conv.input[1])
-        if w is None or len(view.consumers[conv.input[1]]) != 1:
-            continue
-        ss = _bn_scale_shift(view, bn)
+        ss = bn_scale_shift(view, bn)
         if ss is None:
             continue
         scale, shift = ss
-        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        if bias_name is not None and (view.array(bias_name) is None or len(view.consumers[bias_name]) != 1):
+        fold = affine_producer(view, layer, shapes)
+        if fold is not None:
+            fold(scale, shift)()
+            layer.output[0] = bn.output[0]
+        elif (layer.op_type == "MatMul" and len(shapes.get(x, ())) == 2 and view.is_const(layer.input[1])
+              and len(view.inits[layer.input[1]].dims) == 2 and len(shapes.get(layer.input[0], ())) == 2):
+            # MatMul(A, B) then BN: Gemm(A, B * s, t)
+            b = view.array(layer.input[1]).astype(np.float64) * scale.reshape(1, -1)
+            bname = view.unique_name(layer.input[1] + ".folded")
+            view.set_array(bname, b.astype(np.float32))
+            cname = view.unique_name((layer.name or bn.output[0]) + ".bias")
+            view.set_array(cname, shift.astype(np.float32))
+            gemm = onnx.helper.make_node("Gemm", [layer.input[0], bname, cname], [bn.output[0]],
+                                         name=layer.name or bn.name)
+            layer.CopyFrom(gemm)
+        else:
             continue
-        b = view.array(bias_name).astype(np.float64) if bias_name else np.zeros(w.shape[0])
-        new_w = (w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        new_b = (b * scale + shift).astype(np.float32)
-        view.set_array(conv.input[1], new_w)
-        if bias_name is None:
-            # name the new bias after the weight, as a torch conv with bias=True would be
-            base = conv.input[1][: -len(".weight")] if conv.input[1].endswith(".weight") else conv.input[1]
-            bias_name = view.unique_name(base + ".bias")
-            conv.input.append(bias_name)
-        view.set_array(bias_name, new_b)
-        # the Conv now produces the BN's output tensor
-        conv.output[0] = bn.output[0]
         view.remove_nodes([bn])
         view.refresh()
         folded += 1

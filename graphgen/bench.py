@@ -1,0 +1,272 @@
+"""Latency of a graphgen library against onnxruntime (and OpenVINO when installed), in one process.
+
+    graphgen bench squeezenet1_1 --target x86 [--tuned]
+
+Every runtime gets the same optimized ``model.onnx`` graphgen compiles, the same input and
+the same number of threads (the host's physical cores unless ``--threads``). After a
+warm-up the runtimes are timed in interleaved rounds (a burst of load on the host then hits
+them all alike) and the median of the single-run latencies is reported with the 10th and
+90th percentiles. Each graphgen library is checked against onnxruntime first (relative L2,
+the build's rule), so a fast wrong library never makes the table.
+
+Speed is reported here, never asserted in a test: timings on a shared machine are noisy,
+and the table says what the machine was doing (its load average) when they were taken.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from graphgen.errors import UserError
+
+#: seconds of timed runs per runtime when ``runs`` is not given
+DEFAULT_SECONDS = 2.0
+ROUNDS = 5
+
+
+def host_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except Exception:  # noqa: BLE001
+        physical = None
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical,
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "platform": platform.platform()}
+
+
+def _set_tvm_threads(n: int) -> None:
+    import tvm_ffi
+
+    # mode 1: big cores first; n threads
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))
+
+
+def _tvm_runner(lib_path: Path, inputs: dict, model):
+    import tvm
+    from tvm import relax
+
+    from graphgen.verify import graph_inputs
+
+    lib = tvm.runtime.load_module(str(lib_path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name])) for v in graph_inputs(model)]
+    fn = vm["main"]
+
+    def run():
+        out = fn(*args)
+        return out
+
+    return run
+
+
+def _ort_runner(model, inputs: dict, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda: sess.run(None, inputs)
+
+
+def _openvino_runner(onnx_path: Path, inputs: dict, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+    feed = {k: v for k, v in inputs.items()}
+    return lambda: req.infer(feed), ov.__version__
+
+
+def _time(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tuned: bool = False, db=None,
+          runs: int | None = None, warmup: int = 5, threads: int | None = None, input_size=None,
+          num_classes: int | None = None, options: dict | None = None, progress=None) -> dict:
+    """Build ``model`` for this host (untuned, and with the tuning database when ``tuned``) and time it
+    against onnxruntime and OpenVINO (when installed). Returns a dict (see :func:`format_table`)."""
+    import onnxruntime
+    import tvm
+
+    from graphgen.api import load_model, save_onnx
+    from graphgen.compile import compile_model, resolve_target, run_library
+    from graphgen.optimize import optimize
+    from graphgen.tune import database_for
+    from graphgen.tune.pipeline import num_cores_for
+    from graphgen.verify import DEFAULT_TOLERANCE, compare, random_inputs, run_onnxruntime
+
+    say = progress or (lambda msg: None)
+    spec = resolve_target(target, cpu=cpu)
+    if not spec.host_runnable or spec.arch == "cuda":
+        raise UserError(f"bench runs on this host: {spec.name} code does not run here")
+    threads = threads or num_cores_for(spec)
+    host = host_description()
+    src = load_model(model, input_size=input_size, num_classes=num_classes, options=options)
+    opt = optimize(src.model).model
+    inputs = random_inputs(opt, 0)
+    expected = run_onnxruntime(opt, inputs)
+    out_names = [o.name for o in opt.graph.output]
+    macs = _macs(opt)
+    result = {"model": src.name, "target": spec.name, "input_size": src.meta.get("input_size"), "threads": threads,
+              "host": host, "macs": macs, "tvm_version": tvm.__version__, "runtimes": [], "checks": {}}
+    db_path = None
+    if tuned:
+        db_path = database_for(spec, db)
+        if not db_path.exists():
+            raise UserError(f"--tuned: no tuning database at {db_path}; run `graphgen tune {model} --target "
+                            f"{spec.name}` first")
+    _set_tvm_threads(threads)
+    runners: list[tuple[str, str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="graphgen-bench-") as tmp:
+        onnx_path = save_onnx(opt, Path(tmp) / "model.onnx")
+        builds = [("graphgen", None)] + ([("graphgen tuned", db_path)] if tuned else [])
+        for label, database in builds:
+            say(f"compiling {label} library for {spec.name}")
+            lib = Path(tmp) / f"{label.replace(' ', '_')}.so"
+            info = compile_model(opt, spec, lib, database=database, log=say)
+            got = run_library(lib, spec, opt, inputs)
+            c = compare(got, expected, out_names, DEFAULT_TOLERANCE)
+            result["checks"][label] = {"ok": c.ok, "summary": c.summary(), "schedules": info.get("schedules")}
+            if not c.ok:
+                say(f"{label}: does not match onnxruntime ({c.summary()}); left out of the timing")
+                continue
+            runners.append((label, f"TVM {tvm.__version__}", _tvm_runner(lib, inputs, opt)))
+        runners.append(("onnxruntime", f"onnxruntime {onnxruntime.__version__}", _ort_runner(opt, inputs, threads)))
+        try:
+            fn, ver = _openvino_runner(onnx_path, inputs, threads)
+            runners.append(("openvino", f"OpenVINO {ver}", fn))
+        except ImportError:
+            result["openvino"] = "not installed"
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot take the model is reported, not fatal
+            result["openvino"] = f"failed: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__}"
+
+        say(f"timing {', '.join(r[0] for r in runners)} ({threads} threads, load average "
+            f"{host['load_average']})")
+        times: dict[str, list[float]] = {}
+        per_round: dict[str, int] = {}
+        for label, _, fn in runners:
+            _time(fn, max(1, warmup))
+            probe = statistics.median(_time(fn, 3))
+            n = runs if runs is not None else int(min(200, max(10, DEFAULT_SECONDS / max(probe, 1e-6))))
+            per_round[label] = max(1, -(-n // ROUNDS))
+            times[label] = []
+        for _ in range(ROUNDS):
+            for label, _, fn in runners:
+                times[label].extend(_time(fn, per_round[label]))
+    ort_median = statistics.median(times["onnxruntime"]) if "onnxruntime" in times else None
+    for label, version, _ in runners:
+        ts = times[label]
+        med = statistics.median(ts)
+        row = {"runtime": label, "version": version, "median_ms": round(med * 1e3, 3),
+               "p10_ms": round(_percentile(ts, 10) * 1e3, 3), "p90_ms": round(_percentile(ts, 90) * 1e3, 3),
+               "runs": len(ts), "vs_onnxruntime": round(med / ort_median, 2) if ort_median else None}
+        if macs:
+            row["gflops"] = round(2 * macs / med / 1e9, 1)
+        result["runtimes"].append(row)
+    result["host"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") \
+        else None
+    return result
+
+
+def _macs(model) -> int | None:
+    try:
+        from graphgen.analysis import layer_table, totals
+
+        return int(totals(layer_table(model))["macs"])
+    except Exception:  # noqa: BLE001 - the table is still useful without it
+        return None
+
+
+def format_table(res: dict) -> str:
+    h = res["host"]
+    size = "x".join(map(str, res["input_size"])) if res.get("input_size") else ""
+    lines = [f"{res['model']} {size} on {res['target']} ({h['cpu']}, {res['threads']} threads, load average "
+             f"{h['load_average']} -> {h.get('load_average_after')})",
+             f"{'runtime':<16} {'median ms':>10} {'p10':>9} {'p90':>9} {'runs':>5} {'vs ORT':>7} {'GFLOP/s':>8}"]
+    for r in res["runtimes"]:
+        lines.append(f"{r['runtime']:<16} {r['median_ms']:>10.3f} {r['p10_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+                     f"{r['runs']:>5} {r['vs_onnxruntime'] if r['vs_onnxruntime'] is not None else '':>7} "
+                     f"{r.get('gflops', ''):>8}")
+    for label, c in res["checks"].items():
+        s = c.get("schedules") or {}
+        lines.append(f"{label}: {c['summary']}; kernels {s.get('kernels')}: {s.get('from_database', 0)} from the "
+                     f"database, {s.get('default_schedule', 0)} default schedules, {s.get('plain_lowering', 0)} plain")
+    if res.get("openvino"):
+        lines.append(f"openvino: {res['openvino']}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str | Path) -> Path | None:
+    """Grouped bars (median latency, p10-p90 whiskers) per model; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = []
+    for res in results:
+        for r in res["runtimes"]:
+            if r["runtime"] not in labels:
+                labels.append(r["runtime"])
+    models = [r["model"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(models) * max(1, len(labels)) / 2), 4.0))
+    width = 0.8 / max(1, len(labels))
+    for j, label in enumerate(labels):
+        xs, ys, lo, hi = [], [], [], []
+        for i, res in enumerate(results):
+            row = next((r for r in res["runtimes"] if r["runtime"] == label), None)
+            if row is None:
+                continue
+            xs.append(i + (j - (len(labels) - 1) / 2) * width)
+            ys.append(row["median_ms"])
+            lo.append(row["median_ms"] - row["p10_ms"])
+            hi.append(row["p90_ms"] - row["median_ms"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=label)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models, rotation=15)
+    ax.set_ylabel("median latency, ms (whiskers p10-p90)")
+    ax.set_yscale("log")
+    h = results[0]["host"] if results else {}
+    ax.set_title(f"batch 1, fp32, {results[0]['threads'] if results else ''} threads; {h.get('cpu', '')}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

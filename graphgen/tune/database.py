@@ -1,0 +1,258 @@
+"""The persistent tuning database: one folder per target, shared by every model.
+
+Layout of a database folder (TVM's own ``JSONDatabase`` files plus a header of ours)::
+
+    <cache>/tuning/<target-key>/
+        meta.json                    graphgen format, TVM version, the target it was tuned for
+        database_workload.json       one line per workload: [structural hash, IRModule]
+        database_tuning_record.json  one line per measured trial: [workload index, record]
+
+``<cache>`` is ``$GRAPHGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphgen``, else
+``~/.cache/graphgen``. The target key names the target and its CPU and hashes the full
+TVM target JSON (with ``num-cores``), so records tuned for one board never leak to another.
+
+Kernels repeat across the zoo (the same 3x3 conv shape in SqueezeNet and ResNet), and the
+workload key is TVM's structural hash of the fused kernel, so a record tuned while tuning
+one model is picked up by the build of any other model that has the same kernel.
+
+A database that cannot be trusted (unparsable lines, a TVM or format version other than
+this one, records for another target) is reported in one line and moved aside to
+``<folder>.set-aside-<time>``; the build then goes on without it. A half-written last line
+(the process was killed while appending) is the one damage repaired in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = 1
+META = "meta.json"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+#: run time TVM writes for a trial that failed to build or run
+FAILED_SECONDS = 1e9
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("GRAPHGEN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "graphgen"
+
+
+def _canonical(target_json: dict) -> str:
+    return json.dumps(target_json, sort_keys=True, separators=(",", ":"))
+
+
+def target_key(name: str, target_json: dict) -> str:
+    """Folder name for a target: ``<name>-<cpu or arch>-<8 hex of the target JSON>``."""
+    cpu = target_json.get("mcpu") or target_json.get("arch") or target_json.get("kind", "")
+    digest = hashlib.sha256(_canonical(target_json).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{cpu}")
+    return f"{safe}-{digest}"
+
+
+def default_db_path(name: str, target_json: dict) -> Path:
+    return cache_dir() / "tuning" / target_key(name, target_json)
+
+
+def tvm_version() -> str:
+    import tvm
+
+    return str(tvm.__version__)
+
+
+@dataclass
+class WorkloadStats:
+    """Trials recorded for one workload and the best measured run time."""
+
+    trials: int = 0
+    best_seconds: float = float("inf")
+
+
+@dataclass
+class DatabaseInfo:
+    """What a validated database folder holds, read with plain ``json`` before TVM sees it."""
+
+    path: Path
+    meta: dict
+    workloads: list[str] = field(default_factory=list)  # structural hash per workload line
+    stats: dict[str, WorkloadStats] = field(default_factory=dict)  # by structural hash
+    repaired: str | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(s.trials for s in self.stats.values())
+
+
+class DatabaseProblem(Exception):
+    """The folder is not a database this graphgen and TVM can use; the message says why (one line)."""
+
+
+def _read_lines(path: Path, what: str, repair: bool) -> tuple[list, str | None]:
+    """Parse a JSON-lines file. Only a truncated final line (killed mid-append) is dropped."""
+    if not path.exists():
+        return [], None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatabaseProblem(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    lines = text.split("\n")
+    out, repaired = [], None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            last = i == len(lines) - 1  # no newline after it: the append never finished
+            if last and repair:
+                repaired = f"dropped a half-written last line of {path.name}"
+                path.write_bytes("\n".join(lines[:i]).encode() + (b"\n" if i else b""))
+                break
+            raise DatabaseProblem(f"{what} line {i + 1} is not JSON ({e.msg})") from e
+    return out, repaired
+
+
+def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool = True) -> DatabaseInfo:
+    """Validate a database folder with plain Python; raises DatabaseProblem with a one-line reason."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatabaseProblem(f"{path} is not a folder")
+    meta_path = path / META
+    if not meta_path.exists():
+        if (path / RECORDS).exists() or (path / WORKLOADS).exists():
+            raise DatabaseProblem(f"{META} is missing, so its TVM version and target are unknown")
+        raise DatabaseProblem(f"{META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        assert isinstance(meta, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise DatabaseProblem(f"{META} is not a JSON object") from e
+    if meta.get("format") != FORMAT:
+        raise DatabaseProblem(f"database format {meta.get('format')!r}, this graphgen writes format {FORMAT}")
+    if meta.get("tvm") != tvm_version():
+        raise DatabaseProblem(f"tuned with TVM {meta.get('tvm')}, this is TVM {tvm_version()}")
+    if target_json is not None and meta.get("target") != json.loads(_canonical(target_json)):
+        raise DatabaseProblem(f"tuned for target {_canonical(meta.get('target') or {})}, "
+                              f"not {_canonical(target_json)}")
+    info = DatabaseInfo(path, meta)
+    workloads, rep1 = _read_lines(path / WORKLOADS, WORKLOADS, repair)
+    for i, w in enumerate(workloads):
+        if not (isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w)):
+            raise DatabaseProblem(f"{WORKLOADS} line {i + 1} is not a [hash, module] pair")
+        info.workloads.append(w[0])
+    records, rep2 = _read_lines(path / RECORDS, RECORDS, repair)
+    for i, r in enumerate(records):
+        if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
+                and len(r[1]) >= 2):
+            raise DatabaseProblem(f"{RECORDS} line {i + 1} is not a [workload, record] pair")
+        if not 0 <= r[0] < len(workloads):
+            raise DatabaseProblem(f"{RECORDS} line {i + 1} names workload {r[0]} of {len(workloads)}")
+        run_secs = r[1][1]
+        secs = [float(s) for s in run_secs] if isinstance(run_secs, list) and run_secs else [FAILED_SECONDS]
+        st = info.stats.setdefault(info.workloads[r[0]], WorkloadStats())
+        st.trials += 1
+        med = sorted(secs)[len(secs) // 2]
+        if med < FAILED_SECONDS:
+            st.best_seconds = min(st.best_seconds, med)
+    info.repaired = rep1 or rep2
+    return info
+
+
+def set_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.set-aside-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.set-aside-{stamp}-{n}")
+        n += 1
+    path.rename(aside)
+    return aside
+
+
+def create(path: Path, target_json: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "tvm": tvm_version(), "target": json.loads(_canonical(target_json)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = path / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(path / META)
+    for name in (WORKLOADS, RECORDS):
+        (path / name).touch()
+
+
+@dataclass
+class OpenDatabase:
+    """A usable database: the folder's facts and TVM's JSONDatabase over it."""
+
+    info: DatabaseInfo
+    tvm_db: object  # tvm.s_tir.meta_schedule.database.JSONDatabase
+    note: str | None = None  # one line when something was set aside or repaired
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def refresh(self) -> None:
+        """Re-read the per-workload counts after tuning appended records."""
+        self.info = inspect(self.info.path, repair=False)
+
+
+def open_database(path: str | Path, target_json: dict, *, create_missing: bool = True,
+                  report=None) -> OpenDatabase | None:
+    """Open (creating when asked) the database at ``path`` for ``target_json``.
+
+    Returns None when there is no database and ``create_missing`` is false. A database that
+    cannot be used is reported through ``report`` in one line and moved aside; a fresh one is
+    created in its place when ``create_missing`` (else None is returned). Never raises for a
+    bad database.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    report = report or (lambda msg: None)
+    path = Path(path).expanduser()
+    note = None
+    for _ in range(2):
+        if not path.exists():
+            if not create_missing:
+                return None
+            create(path, target_json)
+        try:
+            info = inspect(path, target_json=target_json)
+            db = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=False,
+                                          module_equality="structural")
+            if info.repaired:
+                note = f"tuning database {path}: {info.repaired}"
+                report(note)
+            return OpenDatabase(info, db, note)
+        except DatabaseProblem as e:
+            reason = str(e)
+        except Exception as e:  # TVM could not load what plain JSON accepted (a module from another TVM)
+            lines = str(e).strip().splitlines()
+            reason = f"TVM cannot load it: {lines[-1][:160] if lines else type(e).__name__}"
+        try:
+            aside = set_aside(path)
+            note = f"tuning database {path} set aside ({reason}); moved to {aside.name}"
+        except OSError as e:
+            note = f"tuning database {path} ignored ({reason}); could not move it aside: {e.strerror}"
+            report(note)
+            return None
+        report(note)
+        if not create_missing:
+            return None
+    return None
+
+
+def workload_hash(mod) -> str:
+    """The structural hash MetaSchedule's JSONDatabase files a workload under (its text form)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod) & ((1 << 64) - 1))

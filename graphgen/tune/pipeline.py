@@ -1,0 +1,202 @@
+"""The CPU compile pipeline graphgen uses, shared by tuning and building.
+
+Tuning and building must see the same fused kernels, or the database's workload keys would
+never match; both therefore run :func:`fuse` first:
+
+    decompose -> legalize (Relax ops to TIR) -> fold constants -> fuse -> mark weights
+    layout-free
+
+Marking the weights (constants in graphgen's libraries) layout-free lets a schedule repack
+them (``cpu_weight_prepack`` in TVM's static_shape_tuning pipeline): the repacking runs once at
+compile time (:func:`finish` folds it into the constants), and the library's interface stays
+the same.
+
+Then, for every fused kernel: the tuning database's best schedule when it has one, else
+graphgen's default schedule (:mod:`graphgen.tune.defaults`), else TVM's plain lowering.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def num_cores_for(spec) -> int:
+    """Cores a schedule should parallelize over: the host's physical cores for host targets,
+    the target JSON's ``num-cores`` when given, else 4 (most ARM boards)."""
+    if "num-cores" in spec.tvm_json:
+        return int(spec.tvm_json["num-cores"])
+    if spec.host_runnable:
+        try:
+            import psutil
+
+            return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        except Exception:  # noqa: BLE001
+            return os.cpu_count() or 1
+    return 4
+
+
+def tuning_target_json(spec) -> dict:
+    d = dict(spec.tvm_json)
+    d.setdefault("num-cores", num_cores_for(spec))
+    return d
+
+
+def tuning_target(spec):
+    import tvm
+
+    return tvm.target.Target(tuning_target_json(spec))
+
+
+def fuse(mod, target, layout_rewrite: bool = True):
+    """Relax module -> fused TIR kernels (what MetaSchedule extracts tasks from).
+
+    ``layout_rewrite=False`` leaves the weights' layout alone: for modules whose weights are
+    run-time parameters (``params_as_inputs``), where repacking could not be folded into
+    constants and would run on every call.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    with target:
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            *rp.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            *([relax.transform.AttachAttrLayoutFreeBuffers()] if layout_rewrite else []),
+        ])(mod)
+
+
+def extract_tasks(fused_mod, target):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.relax_integration.extract_tasks(fused_mod, target, module_equality="structural")
+
+
+@dataclass
+class ScheduleStats:
+    kernels: int = 0
+    from_database: int = 0
+    default: int = 0
+    plain: int = 0
+    default_failures: list[str] = field(default_factory=list)
+    kinds: dict = field(default_factory=dict)  # default-schedule class -> kernels
+
+    def as_dict(self) -> dict:
+        d = {"kernels": self.kernels, "from_database": self.from_database, "default_schedule": self.default,
+             "plain_lowering": self.plain}
+        if self.kinds:
+            d["default_schedule_kinds"] = dict(sorted(self.kinds.items()))
+        if self.default_failures:
+            d["default_schedule_failures"] = self.default_failures[:10]
+        return d
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+
+
+def schedule_kernels(mod, target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None):
+    """Give every fused kernel a schedule: the database's best, else graphgen's default."""
+    import tvm
+    from tvm import relax, tirx
+
+    stats = stats if stats is not None else ScheduleStats()
+    funcs = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    stats.kernels = len(funcs)
+    if database is not None:
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        stats.from_database = sum(1 for _, f in mod.functions.items()
+                                  if isinstance(f, tirx.PrimFunc) and _is_scheduled(f))
+    if default_schedules:
+        from graphgen.tune.defaults import apply_default_schedules
+
+        mod = apply_default_schedules(mod, target, stats)
+    stats.plain = stats.kernels - stats.from_database - stats.default
+    return mod
+
+
+def finish(mod, target):
+    """Fold the weight repacking into the constants, lower Relax to the VM."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    with target:
+        return tvm.transform.Sequential([
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),
+            *rp.dataflow_lower_passes(target),
+            *rp.finalize_passes(target),
+        ])(mod)
+
+
+def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
+                 layout_rewrite: bool = True):
+    """A relax_pipeline for ``tvm.compile``: fuse, schedule every kernel, finish."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        mod = fuse(mod, target, layout_rewrite)
+        mod = schedule_kernels(mod, target, database, default_schedules, stats)
+        return finish(mod, target)
+
+    return _pipeline
+
+
+def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=None, layout_rewrite: bool = True):
+    """``tvm.compile`` a Relax module for a CPU ``spec`` with :func:`cpu_pipeline`.
+
+    ``database`` is a database folder (or None). A database that cannot be used is reported
+    in one line (through ``log``, and ``info["schedules"]["database_note"]``) and the build
+    goes on without it; so does a build whose database records fail to apply.
+    """
+    import tvm
+
+    from graphgen.tune import database as dbm
+
+    log = log or (lambda msg: None)
+    target = spec.tvm_target()
+    notes: list[str] = []
+    opened = None
+    if database is not None:
+        opened = dbm.open_database(database, tuning_target_json(spec), create_missing=False, report=notes.append)
+    stats = ScheduleStats()
+    attempts = [(opened, default_schedules)]
+    if opened is not None:
+        attempts.append((None, default_schedules))
+    if default_schedules:
+        attempts.append((None, False))
+    for i, (db, defaults) in enumerate(attempts):
+        stats = ScheduleStats()
+        try:
+            executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
+                target, db.tvm_db if db else None, defaults, stats, layout_rewrite))
+            opened = db
+            break
+        except Exception as e:  # noqa: BLE001 - fall back to a safer pipeline, say so
+            if i == len(attempts) - 1:
+                raise
+            lines = str(e).strip().splitlines()
+            why = lines[-1][:160] if lines else type(e).__name__
+            if db is not None:
+                notes.append(f"tuning database {db.path} could not be applied ({why}); built without it")
+            else:
+                notes.append(f"default schedules failed to compile ({why}); built with TVM's plain lowering")
+    for n in notes:
+        log(n)
+    info["schedules"] = {**stats.as_dict(), "database": str(opened.path) if opened else None}
+    if opened is not None:
+        info["schedules"]["database_records"] = opened.info.records
+    if notes:
+        info["schedules"]["database_note"] = "; ".join(notes)
+    return executable

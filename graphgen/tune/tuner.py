@@ -1,0 +1,463 @@
+"""Tuning a model's kernels with MetaSchedule into the persistent database."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graphgen.errors import UserError
+from graphgen.tune import database as dbm
+from graphgen.tune import measure, pipeline
+from graphgen.tune.scheduler import Plan, TaskState, make_task_scheduler
+
+#: trials per batch (one evolutionary-search round per batch)
+DEFAULT_BATCH = 8
+#: the budget when neither trials nor minutes are given
+DEFAULT_TRIALS_PER_TASK = 32
+
+
+@dataclass
+class TuneResult:
+    database: Path
+    target: dict
+    tasks: int
+    covered: int  # tasks with at least one trial recorded
+    trials_run: int  # this run
+    trials_total: int  # recorded for this model's tasks, this run included
+    seconds: float
+    interrupted: bool
+    estimated_ms_before: float | None  # sum over kernels of weight x best time, before this run
+    estimated_ms_after: float | None
+    per_task: list[dict] = field(default_factory=list)
+    note: str | None = None
+    runner: str = "local"
+
+    def summary(self) -> str:
+        est = ""
+        if self.estimated_ms_after is not None:
+            est = f"; kernels' tuned time {self.estimated_ms_after:.3g} ms"
+            if self.estimated_ms_before is not None and self.estimated_ms_before != self.estimated_ms_after:
+                est += f" (was {self.estimated_ms_before:.3g} ms)"
+        state = "interrupted" if self.interrupted else "done"
+        return (f"tuning {state}: {self.trials_run} trials in {self.seconds:.0f} s "
+                f"({self.trials_total} recorded for this model's {self.tasks} kernels, {self.covered} covered)"
+                f"{est}; database {self.database}")
+
+    def as_manifest(self) -> dict:
+        return {"trials_run": self.trials_run, "trials_recorded": self.trials_total, "tasks": self.tasks,
+                "tasks_covered": self.covered, "seconds": round(self.seconds, 1), "interrupted": self.interrupted,
+                "runner": self.runner}
+
+
+def _quiet_logger(name: str) -> logging.Logger:
+    lg = logging.getLogger(f"graphgen.tune.ms.{name}")
+    lg.setLevel(logging.WARNING)
+    lg.propagate = False
+    if not lg.handlers:
+        lg.addHandler(logging.NullHandler())
+    return lg
+
+
+def _silence_meta_schedule() -> None:
+    """MetaSchedule logs every trial at INFO; graphgen shows its own progress bar instead."""
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+        lg.setLevel(logging.WARNING)
+
+
+class Progress:
+    """One line: trials, tasks covered, the kernels' best total time so far, time left."""
+
+    def __init__(self, plan: Plan, enabled: bool, stream=None):
+        self.plan = plan
+        self.bar = None
+        self.t0 = time.monotonic()
+        if enabled:
+            from tqdm import tqdm
+
+            total = plan.remaining() if plan.trials_budget is not None else None
+            self.bar = tqdm(total=total, unit="trial", desc="tuning", file=stream or sys.stderr, leave=True,
+                            dynamic_ncols=True, bar_format="{desc}: {n_fmt}/{total_fmt} trials |{bar:20}| {postfix}"
+                            if total else "{desc}: {n_fmt} trials {postfix}")
+            self.update(0)
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            return
+        p = self.plan
+        est = p.estimated_model_seconds() * 1e3
+        covered = p.covered()
+        left = p.time_left()
+        if left is None and p.trials_budget is not None and p.used:
+            rate = (time.monotonic() - self.t0) / p.used
+            left = rate * (p.remaining() or 0)
+        left_s = "?" if left is None else (f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s")
+        self.bar.set_postfix_str(f"tasks {covered}/{len(p.tasks)}, best {est:.3g} ms, left {left_s}", refresh=False)
+        self.bar.update(n)
+
+    def wrap(self, report):
+        """``report`` that keeps the bar on its own line."""
+        def say(msg: str) -> None:
+            if self.bar is not None:
+                self.bar.clear()
+            report(msg)
+            if self.bar is not None:
+                self.bar.refresh()
+
+        return say
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _make_measure_callback(plan: Plan, progress: Progress, hook=None):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class RecordResults(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            secs = []
+            for rr in runner_results:
+                rs = rr.run_secs
+                if rs is not None and len(rs) and rr.error_msg is None:
+                    vals = sorted(float(x) for x in rs)
+                    secs.append(vals[len(vals) // 2])
+                else:
+                    secs.append(1e10)
+            plan.used += len(secs)
+            plan.record(int(task_id), secs)
+            progress.update(len(secs))
+            if hook is not None:
+                hook(plan)
+
+    return RecordResults()
+
+
+COST_MODEL_FILE = "cost_model.tar"
+#: candidates each evolutionary-search round mutates and scores with the cost model
+EVOLUTION_POPULATION = 128
+#: the XGBoost model predicts at random below this many samples; training earlier is wasted time
+WARMUP_SAMPLES = 100
+
+
+def _cost_model(opened, n_threads: int, report):
+    """XGBoost cost model, resumed from the database folder when a previous run saved one.
+
+    MetaSchedule retrains whenever the data grew by 20 %, which below its warm-up size (where
+    it predicts at random anyway) meant a retrain after nearly every batch: 4 s each on a
+    loaded 2-core host, the largest single cost measured. Training starts at the warm-up size.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    cm = ms.cost_model.XGBModel(num_tuning_cores=n_threads, num_warmup_samples=WARMUP_SAMPLES,
+                                adaptive_training=True)
+    saved = opened.path / COST_MODEL_FILE
+    if saved.exists():
+        try:
+            cm.load(str(saved))
+        except Exception as e:  # noqa: BLE001 - a stale model only costs the warm-up again
+            report(f"tuning database {opened.path}: ignoring its saved cost model ({type(e).__name__})")
+    if cm.data_size < WARMUP_SAMPLES:
+        cm.last_train_size = int(WARMUP_SAMPLES / 1.2)
+    return cm
+
+
+def _save_cost_model(cm, opened) -> None:
+    if cm is None:
+        return
+    tmp = opened.path / (COST_MODEL_FILE + ".tmp")
+    try:
+        cm.save(str(tmp))
+        tmp.replace(opened.path / COST_MODEL_FILE)
+    except Exception:  # noqa: BLE001 - the records are what matter; the model is a speed-up
+        tmp.unlink(missing_ok=True)
+
+
+def _measure_default_schedules(extracted, plan: Plan, opened, builder, runner, bar, hook=None) -> None:
+    """Measure graphgen's default schedule of every kernel the database has no trial of, and
+    record it like any trial.
+
+    The database's best record is what a build applies, so a tuned kernel can never end up
+    slower than the untuned default (measured without this: 257 trials reaching 4 of 27
+    SqueezeNet kernels built a slower library than no tuning). It also gives the plan a real
+    time for every kernel from the start, and the search a good record to start from.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from graphgen.tune.defaults import default_schedule, isa_of
+
+    todo = [i for i, t in enumerate(plan.tasks) if t.total_trials == 0]
+    if not todo or plan.finished():
+        return
+    remaining = plan.remaining()
+    if remaining is not None:
+        todo = sorted(todo, key=lambda i: -plan.tasks[i].flop * plan.tasks[i].weight)[:remaining]
+    target = extracted[0].target
+    isa = isa_of(target)
+    picked = []
+    for i in todo:
+        mod = extracted[i].dispatched[0]
+        try:
+            sch, _ = default_schedule(mod["main"], isa, mod=mod)
+        except Exception:  # noqa: BLE001 - no default for this kernel: the search starts from scratch
+            continue
+        picked.append((i, mod, sch))
+    if not picked:
+        return
+    built = builder.build([BuilderInput(sch.mod, target) for _, _, sch in picked])
+    run_idx = [k for k, b in enumerate(built) if b.error_msg is None]
+    # arguments as the built kernel takes them: weights already repacked (the repacking runs
+    # at compile time in a build, so it is not timed), as MetaSchedule measures its candidates
+    args = [ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, _, sch in picked]
+    futures = runner.run([RunnerInput(built[k].artifact_path, "cpu", args[k]) for k in run_idx])
+    results = {k: f.result() for k, f in zip(run_idx, futures)}
+    for k, (i, mod, sch) in enumerate(picked):
+        rr = results.get(k)
+        secs = [float(x) for x in rr.run_secs] if rr is not None and rr.error_msg is None and rr.run_secs else None
+        workload = opened.tvm_db.commit_workload(mod)
+        opened.tvm_db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, secs if secs else [1e10], target, args[k]))
+        med = sorted(secs)[len(secs) // 2] if secs else 1e10
+        plan.used += 1
+        plan.record(i, [med])
+        bar.update(1)
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    if hook is not None:
+        hook(plan)
+
+
+def _contexts(extracted, warm: bool, n_threads, seed: int) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    contexts = []
+    for i, t in enumerate(extracted):
+        strategy = (ms.search_strategy.EvolutionarySearch(population_size=EVOLUTION_POPULATION,
+                                                          init_min_unmeasured=32, genetic_num_iters=2)
+                    if warm else ms.search_strategy.ReplayTrace())
+        contexts.append(ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+                                       search_strategy=strategy, task_name=t.task_name,
+                                       logger=_quiet_logger(f"task{i}"), rand_state=seed * 1000 + i + 1,
+                                       num_threads=n_threads).clone())
+    return contexts
+
+
+_INTRIN = "tvm.s_tir.tensor_intrin"
+
+
+def _cpu_tensor_intrinsics():
+    """Register only the CPU tensor intrinsics; returns a function that undoes the shortcut.
+
+    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, which parses every tensor intrinsic
+    TVM has: measured 38 s on a loaded 2-core host, 27.5 s of it CUDA's (rocm 5 s, hexagon
+    2 s), once per tuning process. CPU tuning needs only the x86 and ARM ones (about 4 s).
+    The package's folder stays importable, so an explicit ``import
+    tvm.s_tir.tensor_intrin.cuda`` still works; afterwards the stand-in is removed and a later
+    plain import runs the real ``__init__``.
+    """
+    import importlib
+    import os
+    import types
+
+    if _INTRIN in sys.modules:
+        return lambda: None
+    import tvm.s_tir
+
+    folder = os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")
+    stand_in = types.ModuleType(_INTRIN)
+    stand_in.__path__ = [folder]
+    stand_in.__package__ = _INTRIN
+    stand_in.__file__ = os.path.join(folder, "__init__.py")
+    sys.modules[_INTRIN] = stand_in
+    try:
+        for sub in ("x86", "arm_cpu"):
+            importlib.import_module(f"{_INTRIN}.{sub}")
+    except Exception:  # noqa: BLE001 - fall back to the full import
+        del sys.modules[_INTRIN]
+        importlib.import_module(_INTRIN)
+        return lambda: None
+
+    def undo():
+        if sys.modules.get(_INTRIN) is stand_in:
+            del sys.modules[_INTRIN]
+
+    return undo
+
+
+def _catch_sigint(plan: Plan, report):
+    """First Ctrl-C: finish the batch in flight (its trials are saved) and stop. Second: abort now.
+
+    Without this, a KeyboardInterrupt raised inside one of MetaSchedule's C++ -> Python
+    callbacks comes back as a bare RuntimeError from the middle of a build.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if plan.interrupted:
+            raise KeyboardInterrupt
+        plan.interrupted = True
+        report("Ctrl-C: stopping after the batch in flight (Ctrl-C again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(e: BaseException) -> bool:
+    return isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in f"{type(e).__name__}: {e}"
+
+
+def tune_onnx(model, spec, *, trials: int | None = None, minutes: float | None = None, db: str | Path | None = None,
+              rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = False,
+              report=None, batch: int = DEFAULT_BATCH, seed: int = 0, after_batch=None) -> TuneResult:
+    """Tune the kernels of an (optimized) ONNX model for ``spec`` into the target's database.
+
+    ``trials`` is the number of trials the model's kernels should have in the database when
+    this returns (trials recorded earlier, by this model or another with the same kernels,
+    count: running the same command again after Ctrl-C resumes). ``minutes`` bounds this run's
+    wall time. With neither, the budget is 32 trials per kernel.
+    """
+    from graphgen.compile.tvm_build import import_onnx
+
+    report = report or (lambda msg: None)
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials {trials}: must be at least 1")
+    if minutes is not None and minutes <= 0:
+        raise UserError(f"--minutes {minutes}: must be positive")
+    if spec.arch == "cuda":
+        raise UserError("tuning covers CPU targets (x86, arm, armv7); the cuda target builds with TVM's "
+                        "default GPU schedules")
+    if rpc_tracker is None and rpc_key is not None or rpc_tracker is not None and rpc_key is None:
+        raise UserError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+    if rpc_tracker is None and not spec.host_runnable:
+        raise UserError(f"{spec.name} code cannot run on this host; tune on the board with "
+                        f"--rpc-tracker HOST:PORT --rpc-key KEY")
+    if rpc_tracker is not None:
+        measure.check_tracker(rpc_tracker, rpc_key)
+
+    target_json = pipeline.tuning_target_json(spec)
+    db_path = Path(db).expanduser() if db is not None else dbm.default_db_path(spec.name, target_json)
+    opened = dbm.open_database(db_path, target_json, create_missing=True, report=report)
+    if opened is None:
+        raise UserError(f"cannot use the tuning database at {db_path}")
+    return _tune(import_onnx(model), spec, opened, target_json, trials=trials, minutes=minutes,
+                 rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=progress, report=report, batch=batch,
+                 seed=seed, after_batch=after_batch)
+
+
+def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trials, minutes, rpc_tracker, rpc_key,
+          progress, report, batch, seed, after_batch) -> TuneResult:
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    _silence_meta_schedule()
+    t_start = time.monotonic()
+    target = tvm.target.Target(target_json)
+    fused = pipeline.fuse(relax_mod, target)
+    extracted = pipeline.extract_tasks(fused, target)
+    if not extracted:
+        raise UserError("the model has no kernels to tune")
+    info = opened.info
+    states = []
+    for t in extracted:
+        mod = t.dispatched[0]
+        st = info.stats.get(dbm.workload_hash(mod))
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        states.append(TaskState(name=t.task_name, weight=float(t.weight), flop=max(1.0, float(estimate_tir_flops(mod))),
+                                prior_trials=st.trials if st else 0,
+                                prior_best=st.best_seconds if st else math.inf))
+    if trials is None and minutes is None:
+        trials = DEFAULT_TRIALS_PER_TASK * len(states)
+    plan = Plan(states, trials=trials, seconds=minutes * 60 if minutes is not None else None, batch=batch)
+    before = plan.estimated_model_seconds() * 1e3 if all(s.prior_best < math.inf for s in states) else None
+    runner_name = f"rpc {rpc_tracker} key {rpc_key}" if rpc_tracker else "local"
+
+    def result(interrupted: bool, t_end: float) -> TuneResult:
+        opened.refresh()
+        total = 0
+        per_task = []
+        for s, t in zip(states, extracted):
+            st = opened.info.stats.get(dbm.workload_hash(t.dispatched[0]))
+            n = st.trials if st else 0
+            total += n
+            per_task.append({"name": s.name, "weight": s.weight, "flop": s.flop, "trials": n,
+                             "best_us": round(st.best_seconds * 1e6, 2) if st and st.best_seconds < math.inf
+                             else None})
+        after = (sum(p["weight"] * p["best_us"] for p in per_task) / 1e3
+                 if all(p["best_us"] is not None for p in per_task) else None)
+        return TuneResult(opened.path, target_json, len(states), sum(1 for p in per_task if p["trials"]),
+                          plan.used, total, t_end - t_start, interrupted, before, after, per_task, opened.note,
+                          runner_name)
+
+    if plan.finished():
+        report(f"the database already has {sum(s.total_trials for s in states)} trials for this model's "
+               f"{len(states)} kernels (budget {trials}); nothing to tune")
+        return result(False, time.monotonic())
+
+    n_threads = pipeline.num_cores_for(spec) if spec.host_runnable else "physical"
+    work_dir = Path(tempfile.mkdtemp(prefix="graphgen-tune-"))
+    bar = Progress(plan, progress)
+    interrupted = False
+    cost_model = None
+    restore_sigint = _catch_sigint(plan, bar.wrap(report))
+    undo_intrinsics = _cpu_tensor_intrinsics()
+    try:
+        builder = measure.in_process_builder(spec, work_dir)
+        runner = (measure.rpc_runner(rpc_tracker, rpc_key) if rpc_tracker else measure.local_runner())
+        callbacks = [*ms.MeasureCallback.create("default"), _make_measure_callback(plan, bar, after_batch)]
+        cost_model = _cost_model(opened, n_threads if isinstance(n_threads, int) else 1, report)
+        _measure_default_schedules(extracted, plan, opened, builder, runner, bar, after_batch)
+        while not plan.finished():
+            # Phase 1 samples at random (ReplayTrace) until the cost model has enough data to be
+            # trained: evolution guided by an untrained model (which predicts at random) costs
+            # ~10 s of mutation and postprocessing per batch here and finds nothing better.
+            warm = cost_model.data_size >= WARMUP_SAMPLES
+            contexts = _contexts(extracted, warm, n_threads, seed + plan.used)
+            for t in plan.tasks:
+                t.done = False
+            stop = None if warm else (lambda: cost_model.data_size >= WARMUP_SAMPLES)
+            scheduler = make_task_scheduler(plan, stop=stop)
+            remaining = plan.remaining()
+            max_global = remaining if remaining is not None else 1 << 30
+            used_before = plan.used
+            try:
+                scheduler.tune(tasks=contexts, task_weights=[s.weight for s in states],
+                               max_trials_global=max_global, max_trials_per_task=max(max_global, plan.batch),
+                               num_trials_per_iter=plan.batch, builder=builder, runner=runner,
+                               measure_callbacks=callbacks, database=opened.tvm_db, cost_model=cost_model)
+            except BaseException as e:  # noqa: BLE001
+                if not (plan.interrupted or _interrupted(e)):
+                    raise
+                interrupted = True
+                break
+            if plan.interrupted:
+                interrupted = True
+                break
+            if warm and plan.used == used_before:
+                break  # every task's search space is exhausted
+        interrupted = interrupted or plan.interrupted
+    finally:
+        restore_sigint()
+        undo_intrinsics()
+        bar.close()
+        measure.clean(work_dir)
+        if plan.used:
+            _save_cost_model(cost_model, opened)
+    return result(interrupted, time.monotonic())

@@ -1,0 +1,104 @@
+"""graphgen bench and benchmarks/zoo.py: the table, the plot and the README markers.
+
+Correctness only: every number must be a positive, finite time and every library must have
+matched onnxruntime; how fast anything is gets reported by the benchmark, never asserted.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import onnx
+import pytest
+
+from graphgen.builder import GraphBuilder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _small_model(path: Path) -> Path:
+    b = GraphBuilder("benchnet")
+    x = b.input("input", (1, 3, 16, 16))
+    x = b.relu(b.conv(x, 8, 3, padding=1, name="c1"))
+    x = b.max_pool(x, 2, 2)
+    x = b.linear(b.flatten(b.global_avg_pool(x)), 4, name="fc")
+    b.output(x, "out")
+    onnx.save(b.build(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    from graphgen.bench import bench
+
+    model = _small_model(tmp_path_factory.mktemp("bench") / "benchnet.onnx")
+    return bench(str(model), "x86", runs=5, warmup=1)
+
+
+def test_bench_times_graphgen_and_onnxruntime_in_one_process(bench_result):
+    res = bench_result
+    names = [r["runtime"] for r in res["runtimes"]]
+    assert names[0] == "graphgen" and "onnxruntime" in names
+    assert res["checks"]["graphgen"]["ok"], res["checks"]["graphgen"]["summary"]
+    for r in res["runtimes"]:
+        assert r["runs"] == 5  # spread over the interleaved rounds
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and math.isfinite(r["p90_ms"])
+    ort = next(r for r in res["runtimes"] if r["runtime"] == "onnxruntime")
+    assert ort["vs_onnxruntime"] == 1.0
+    assert res["host"]["cpu"] and res["threads"] >= 1
+    if "openvino" not in names:
+        assert res["openvino"] == "not installed" or res["openvino"].startswith("failed")
+
+
+def test_bench_table_and_plot(bench_result, tmp_path):
+    from graphgen.bench import format_table, plot
+
+    text = format_table(bench_result)
+    assert "graphgen" in text and "onnxruntime" in text and "median ms" in text
+    png = plot([bench_result], tmp_path / "b.png")
+    pytest.importorskip("matplotlib")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_targets_this_host_cannot_run_and_missing_databases(tmp_path, monkeypatch):
+    from graphgen.bench import bench
+    from graphgen.errors import UserError
+
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    model = _small_model(tmp_path / "m.onnx")
+    with pytest.raises(UserError, match="does not run here"):
+        bench(str(model), "arm")
+    with pytest.raises(UserError, match="no tuning database"):
+        bench(str(model), "x86", tuned=True)
+
+
+def test_zoo_writes_the_table_between_the_readme_markers(bench_result, tmp_path):
+    spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    table = zoo.markdown([bench_result], 12.0)
+    assert table.startswith("| model |") and bench_result["host"]["cpu"] in table and "load average" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Speed\n\n{zoo.START}\nold\n{zoo.END}\n\nafter\n")
+    assert zoo.write_readme(readme, table)
+    text = readme.read_text()
+    assert "old" not in text and table in text and text.endswith("after\n")
+    (tmp_path / "nomarkers.md").write_text("no markers\n")
+    assert not zoo.write_readme(tmp_path / "nomarkers.md", table)
+    json.dumps(bench_result, default=str)  # the zoo's JSON dump
+
+
+def test_cli_bench_prints_the_table_and_writes_the_png(tmp_path, capsys):
+    from graphgen.cli import main
+
+    model = _small_model(tmp_path / "m.onnx")
+    png = tmp_path / "plot.png"
+    assert main(["bench", str(model), "--runs", "5", "--warmup", "1", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime" in out and "graphgen" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert png.exists()

@@ -1,0 +1,361 @@
+"""Tuning: the budget plan, the persistent database (and what happens when it is bad), Ctrl-C and
+resume, RPC measurement through a tracker, builds that reuse the database, default schedules.
+
+Trial budgets are tiny (a handful of trials on a 6-kernel model): these tests check the
+machinery and correctness against onnxruntime, never speed.
+"""
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from graphgen.builder import GraphBuilder
+from graphgen.compile import compile_model, resolve_target, run_library
+from graphgen.errors import UserError
+from graphgen.tune import database as dbm
+from graphgen.tune.scheduler import Plan, TaskState
+from graphgen.verify import compare, random_inputs, run_onnxruntime
+
+
+def tiny_model():
+    """Five or six kernels: conv3x3+bias+relu, max pool, conv1x1+bias+relu, global mean, (reshape),
+    dense+bias."""
+    b = GraphBuilder("tiny")
+    x = b.input("input", (1, 3, 16, 16))
+    x = b.relu(b.conv(x, 8, 3, padding=1, name="c1"))
+    x = b.max_pool(x, 2, 2)
+    x = b.relu(b.conv(x, 16, 1, name="c2"))
+    x = b.linear(b.flatten(b.global_avg_pool(x)), 10, name="fc")
+    b.output(x, "out")
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    import onnx
+
+    from graphgen.optimize import optimize
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    onnx.save(optimize(tiny_model()).model, str(path))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private user cache: the default database location of every test is in tmp."""
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+def _tasks(n, flop=1e6, weight=1.0):
+    return [TaskState(name=f"t{i}", weight=weight, flop=flop * (i + 1)) for i in range(n)]
+
+
+def test_plan_covers_every_task_before_any_second_batch():
+    tasks = _tasks(27)
+    plan = Plan(tasks, trials=27 * 8, seconds=None, batch=8)
+    seen = []
+    while True:
+        i = plan.next_task()
+        if i < 0:
+            break
+        if len(seen) < 27:
+            assert i not in seen, "a task got a second batch before every task had one"
+        seen.append(i)
+        plan.used += plan.batch
+        plan.record(i, [1e-3 / (1 + len(seen))] * plan.batch)
+    assert sorted(set(seen)) == list(range(27))
+    assert sum(t.total_trials for t in tasks) == 27 * 8
+    # largest estimated time (FLOPs x weight) first
+    assert seen[0] == 26
+
+
+def test_plan_shrinks_the_batch_so_a_small_budget_still_reaches_every_task():
+    plan = Plan(_tasks(27), trials=60, seconds=None, batch=8)
+    assert plan.batch == 2  # 60 // 27
+    covered = set()
+    while (i := plan.next_task()) >= 0:
+        covered.add(i)
+        plan.used += plan.batch
+        plan.record(i, [1e-3] * plan.batch)
+    assert len(covered) == 27
+
+
+def test_plan_counts_trials_already_in_the_database_and_weighs_time_and_gain():
+    tasks = _tasks(3)
+    tasks[0].prior_trials, tasks[0].prior_best = 40, 1e-3
+    plan = Plan(tasks, trials=48, seconds=None, batch=4)
+    assert plan.remaining() == 8
+    first = plan.next_task()
+    assert first in (1, 2) and tasks[first].total_trials == 0  # uncovered before anything else
+    # after coverage the task with most time x gain wins: task 2 (slow kernel that keeps improving)
+    tasks = _tasks(3)
+    plan = Plan(tasks, trials=1000, seconds=None, batch=4)
+    for i, best in ((0, 1e-4), (1, 1e-4), (2, 5e-3)):
+        plan.record(i, [best] * 4)
+    assert plan.next_task() == 2
+
+
+def test_plan_stops_at_the_deadline_and_when_interrupted():
+    now = [0.0]
+    plan = Plan(_tasks(2), trials=None, seconds=10, batch=4, clock=lambda: now[0])
+    assert plan.next_task() >= 0
+    now[0] = 11.0
+    assert plan.next_task() == -1
+    plan = Plan(_tasks(2), trials=100, seconds=None, batch=4)
+    plan.interrupted = True
+    assert plan.next_task() == -1
+
+
+# -- the database -----------------------------------------------------------------------------
+
+TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64", "num-cores": 2}
+
+
+def test_default_database_location_is_per_target_under_the_user_cache(cache):
+    p1 = dbm.default_db_path("arm", {"kind": "llvm", "mcpu": "cortex-a72", "num-cores": 4})
+    p2 = dbm.default_db_path("arm", {"kind": "llvm", "mcpu": "cortex-a53", "num-cores": 4})
+    assert p1.parent == cache / "tuning" and p1 != p2 and "cortex-a72" in p1.name
+
+
+def _messages():
+    out = []
+    return out, out.append
+
+
+def test_corrupt_database_is_reported_in_one_line_and_set_aside(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    (path / dbm.RECORDS).write_text('[0, ["trace"]]\n{not json\n[1, 2]\n')
+    msgs, say = _messages()
+    opened = dbm.open_database(path, TARGET, report=say)
+    assert opened is not None and opened.info.records == 0  # a fresh one in its place
+    assert len(msgs) == 1 and "\n" not in msgs[0] and "set aside" in msgs[0] and "line 2" in msgs[0]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("db.set-aside-")]
+    assert len(aside) == 1 and "{not json" in (aside[0] / dbm.RECORDS).read_text()
+
+
+def test_database_from_another_tvm_version_is_set_aside(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    meta = json.loads((path / dbm.META).read_text())
+    meta["tvm"] = "0.19.0"
+    (path / dbm.META).write_text(json.dumps(meta))
+    msgs, say = _messages()
+    assert dbm.open_database(path, TARGET, create_missing=False, report=say) is None
+    assert len(msgs) == 1 and "TVM 0.19.0" in msgs[0]
+    assert not path.exists()
+
+
+def test_database_tvm_cannot_load_is_set_aside(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    (path / dbm.WORKLOADS).write_text('["123", "bm90IGEgbW9kdWxl"]\n')  # valid JSON, not a module
+    msgs, say = _messages()
+    assert dbm.open_database(path, TARGET, create_missing=False, report=say) is None
+    assert len(msgs) == 1 and "TVM cannot load it" in msgs[0]
+
+
+def test_half_written_last_line_is_repaired_in_place(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    (path / dbm.RECORDS).write_text('[0, [')  # killed mid-append
+    info = dbm.inspect(path, target_json=TARGET)
+    assert info.repaired and info.records == 0
+    assert (path / dbm.RECORDS).read_text() == ""
+
+
+def test_database_for_another_target_is_not_used(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    other = {**TARGET, "mcpu": "skylake"}
+    msgs, say = _messages()
+    assert dbm.open_database(path, other, create_missing=False, report=say) is None
+    assert "tuned for target" in msgs[0]
+
+
+def test_build_with_a_corrupt_default_database_still_builds_and_says_why(cache, tiny_onnx, tmp_path, in_tmp):
+    from graphgen import api
+    from graphgen.tune import database_for
+
+    spec = resolve_target("x86")
+    path = database_for(spec)
+    path.mkdir(parents=True)
+    (path / dbm.META).write_text("garbage")
+    logs = []
+    res = api.build(str(tiny_onnx), "x86", out=tmp_path / "out", progress=logs.append)
+    t = res.manifest["tuning"]
+    assert res.manifest["verification"]["status"] == "passed"
+    assert t["status"] == "untuned" and t["database"] is None
+    assert "set aside" in t["note"] and any("set aside" in m for m in logs)
+
+
+# -- tuning, Ctrl-C, resume, builds that reuse the database ---------------------------------
+
+def test_tune_interrupt_resume_and_every_later_build_reuses_the_database(cache, tiny_onnx, tmp_path, in_tmp):
+    """One flow (TVM start-up is paid once): Ctrl-C after the first batch keeps its trials; the
+    same call resumes to the budget; a plain build of the model then takes every kernel's
+    schedule from the default database and still matches onnxruntime."""
+    import onnx
+
+    from graphgen import api
+    from graphgen.tune import tune_onnx
+
+    spec = resolve_target("x86")
+    model = onnx.load(str(tiny_onnx))
+    batches = []
+
+    def ctrl_c_after_first_batch(plan):
+        batches.append(plan.used)
+        if len(batches) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the real handler: finish the batch, then stop
+
+    # the first round measures graphgen's default schedule of each kernel (5 or 6, depending
+    # on whether the optimizer leaves the flatten as a kernel of its own)
+    first = tune_onnx(model, spec, trials=12, batch=2, after_batch=ctrl_c_after_first_batch)
+    n = first.tasks
+    assert n in (5, 6)
+    assert first.interrupted and first.trials_run == n and first.trials_total == n and first.covered == n
+    assert first.database == dbm.default_db_path("x86", {**spec.tvm_json, "num-cores": first.target["num-cores"]})
+    defaults = {p["name"]: p["best_us"] for p in first.per_task}
+    second = tune_onnx(model, spec, trials=12, batch=2)
+    assert not second.interrupted
+    assert second.trials_run >= 12 - n and second.trials_total >= 12  # resumed, not restarted
+    assert second.trials_run < 12 - n + 2  # within one batch of the budget
+    assert second.tasks == n and second.covered == n
+    # the database keeps the best record per kernel: never worse than the default schedule
+    assert all(p["best_us"] <= defaults[p["name"]] for p in second.per_task)
+    assert all(p["best_us"] is not None and p["best_us"] > 0 for p in second.per_task)
+    assert second.estimated_ms_after is not None and math.isfinite(second.estimated_ms_after)
+    # nothing left to do: the budget is already in the database
+    third = tune_onnx(model, spec, trials=second.trials_total)
+    assert third.trials_run == 0
+
+    res = api.build(str(tiny_onnx), "x86", out=tmp_path / "built")
+    t = res.manifest["tuning"]
+    assert res.manifest["verification"]["status"] == "passed"
+    assert t["status"] == "database" and t["records_used"] == t["kernels"] == n
+    assert t["database"] == str(first.database) and t["database_records"] == second.trials_total
+
+    # --tune in the build: budget already met, the manifest records the (empty) run
+    res = api.build(str(tiny_onnx), "x86", out=tmp_path / "built2", tune=True, trials=second.trials_total)
+    assert res.manifest["tuning"]["status"] == "tuned" and res.manifest["tuning"]["trials"]["trials_run"] == 0
+
+
+def test_rpc_tracker_measures_on_a_registered_server(cache, tiny_onnx, tmp_path):
+    """A TVM RPC tracker and server on 127.0.0.1 stand in for a board farm."""
+    import onnx
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    from graphgen.tune import measure, tune_onnx
+
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9390, silent=True)
+    server = Server(host="127.0.0.1", port=9400, port_end=9600, key="graphgen-test",
+                    tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        addr = f"127.0.0.1:{tracker.port}"
+        import time
+
+        for _ in range(40):  # the server registers asynchronously
+            try:
+                measure.check_tracker(addr, "graphgen-test")
+                break
+            except UserError:
+                time.sleep(0.25)
+        with pytest.raises(UserError, match="no server with key 'nope'"):
+            measure.check_tracker(addr, "nope")
+        res = tune_onnx(onnx.load(str(tiny_onnx)), resolve_target("x86"), trials=8, batch=2,
+                        db=tmp_path / "rpcdb", rpc_tracker=addr, rpc_key="graphgen-test")
+        # a default schedule per kernel, then MetaSchedule batches, all timed on the RPC server
+        assert res.runner.startswith("rpc") and res.trials_run >= 8 and res.trials_total == res.trials_run
+        assert res.covered == res.tasks and all(p["best_us"] for p in res.per_task)
+        assert any(p["trials"] > 1 for p in res.per_task)  # the search ran too
+    finally:
+        server.terminate()
+        tracker.terminate()
+
+
+def test_tuning_argument_errors_are_one_line_user_errors(tiny_onnx, tmp_path):
+    import onnx
+
+    from graphgen.tune import build_database, tune_onnx
+
+    model = onnx.load(str(tiny_onnx))
+    with pytest.raises(UserError, match="HOST:PORT"):
+        tune_onnx(model, resolve_target("x86"), trials=2, db=tmp_path / "d", rpc_tracker="nohost", rpc_key="k")
+    with pytest.raises(UserError, match="go together"):
+        tune_onnx(model, resolve_target("x86"), trials=2, db=tmp_path / "d", rpc_tracker="127.0.0.1:1")
+    with pytest.raises(UserError, match="cannot reach the RPC tracker"):
+        tune_onnx(model, resolve_target("x86"), trials=2, db=tmp_path / "d", rpc_tracker="127.0.0.1:1", rpc_key="k")
+    with pytest.raises(UserError, match="--rpc-tracker"):
+        tune_onnx(model, resolve_target("arm"), trials=2, db=tmp_path / "d")
+    with pytest.raises(UserError, match="add --tune"):
+        build_database(model, resolve_target("x86"), trials=5)
+    with pytest.raises(UserError, match="CPU targets"):
+        build_database(model, resolve_target("cuda"), tune=True)
+
+
+def test_cli_tune_and_build_flags(cache, tiny_onnx, tmp_path, capsys):
+    from graphgen.cli import main
+
+    assert main(["build", str(tiny_onnx), "--trials", "4", "-o", str(tmp_path / "x")]) == 2
+    assert "add --tune" in capsys.readouterr().err
+    assert main(["tune", str(tiny_onnx), "--rpc-tracker", "bad", "--rpc-key", "k"]) == 2
+    assert main(["build", str(tiny_onnx), "--db", str(tmp_path / "none"), "-o", str(tmp_path / "y")]) == 2
+    assert "no tuning database there" in capsys.readouterr().err
+
+
+# -- default schedules ------------------------------------------------------------------------
+
+def _conv_zoo_model():
+    """Each kernel class the default schedules cover: regular, strided, grouped, depthwise and
+    1x1 convs with their fused tails (bias, relu, relu6, residual add), pooling, dense."""
+    b = GraphBuilder("kinds")
+    x = b.input("input", (1, 3, 30, 30))
+    x = b.relu(b.conv(x, 16, 3, stride=2, padding=1, name="stem"))           # 15x15, odd widths
+    y = b.relu6(b.conv(x, 16, 3, padding=1, groups=16, name="dw"))            # depthwise
+    y = b.conv(y, 24, 1, name="pw")                                           # 1x1
+    g = b.relu(b.conv(y, 24, 3, padding=1, groups=4, name="grouped"))         # grouped
+    y = b.add(y, g)                                                           # residual tail
+    y = b.max_pool(y, 3, 2, padding=1)
+    y = b.avg_pool(y, 2, 2)
+    y = b.relu(b.conv(y, 32, 3, padding=1, bias=False, name="nobias"))
+    y = b.linear(b.flatten(b.global_avg_pool(y)), 10, name="fc")
+    b.output(y, "out")
+    return b.build()
+
+
+@pytest.mark.parametrize("target", ["x86"])
+def test_default_schedules_cover_every_kernel_class_and_match_onnxruntime(tmp_path, target):
+    from graphgen.optimize import optimize
+
+    model = optimize(_conv_zoo_model()).model
+    spec = resolve_target(target)
+    info = compile_model(model, spec, tmp_path / "m.so", default_schedules=True)
+    s = info["schedules"]
+    assert s["from_database"] == 0 and s["default_schedule"] >= 8, s
+    assert not s.get("default_schedule_failures"), s
+    x = random_inputs(model)
+    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], 1e-5)
+    assert c.ok, c.summary()
+
+
+@pytest.mark.parametrize("target", ["arm", "avx512"])
+def test_default_schedules_compile_for_neon_and_avx512(tmp_path, target):
+    from graphgen.compile.elf import check_elf
+    from graphgen.optimize import optimize
+
+    model = optimize(_conv_zoo_model()).model
+    spec = resolve_target(target)
+    info = compile_model(model, spec, tmp_path / "m.so", default_schedules=True)
+    assert info["schedules"]["default_schedule"] >= 8 and not info["schedules"].get("default_schedule_failures")
+    ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
+    assert ok, problem
