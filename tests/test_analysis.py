@@ -19,7 +19,10 @@ from graphgen.builder import GraphBuilder, Tensor
 from graphgen.errors import UserError
 from graphgen.registry import build_recipe, names
 
-REFERENCE = Path("/work/shared/reference/model_facts.tsv")
+# shared/ sits beside the checkout (CI clones main next to it)
+REFERENCE = next((p for p in (Path(__file__).resolve().parents[2] / "shared/reference/model_facts.tsv",
+                              Path("/work/shared/reference/model_facts.tsv")) if p.is_file()),
+                 Path(__file__).resolve().parents[2] / "shared/reference/model_facts.tsv")
 REPO = Path(__file__).resolve().parents[1]
 
 
