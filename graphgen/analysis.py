@@ -144,7 +144,41 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
             shapes[v.name] = tuple(int(d.dim_value) for d in t.shape.dim)
     for init in g.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
+    _fill_maxunpool(g, shapes)
     return shapes
+
+
+def _fill_maxunpool(g: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ONNX shape inference leaves MaxUnpool's output unknown when an ``output_shape`` input is
+    given (even a constant one); take it from that constant, else from the kernel formula, and
+    propagate through the shape-preserving nodes that follow."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in g.initializer}
+    for node in g.node:
+        if node.op_type == "MaxUnpool" and node.output[0] not in shapes and node.input[0] in shapes:
+            if len(node.input) > 2 and node.input[2] in consts:
+                shapes[node.output[0]] = tuple(int(v) for v in numpy_helper.to_array(consts[node.input[2]]))
+            else:
+                n, c, *sp = shapes[node.input[0]]
+                k = _attr(node, "kernel_shape", [1] * len(sp))
+                st = _attr(node, "strides", [1] * len(sp))
+                pads = _attr(node, "pads", [0] * 2 * len(sp))
+                shapes[node.output[0]] = (n, c, *[(x - 1) * st[i] + k[i] - pads[i] - pads[i + len(sp)]
+                                                  for i, x in enumerate(sp)])
+        elif node.output and node.output[0] not in shapes and node.input and node.input[0] in shapes and \
+                node.op_type in ("Relu", "BatchNormalization", "Identity", "Sigmoid", "Clip"):
+            shapes[node.output[0]] = shapes[node.input[0]]
+        elif node.op_type == "Conv" and node.output[0] not in shapes and node.input[0] in shapes:
+            n, _, *sp = shapes[node.input[0]]
+            w = shapes.get(node.input[1])
+            if w is None:
+                continue
+            pads = _attr(node, "pads", [0] * 2 * len(sp))
+            st = _attr(node, "strides", [1] * len(sp))
+            dl = _attr(node, "dilations", [1] * len(sp))
+            shapes[node.output[0]] = (n, w[0], *[(x + pads[i] + pads[i + len(sp)] - dl[i] * (w[2 + i] - 1) - 1)
+                                               // st[i] + 1 for i, x in enumerate(sp)])
 
 
 def _shape_of(shapes: dict[str, tuple[int, ...]], name: str, node: onnx.NodeProto) -> tuple[int, ...]:

@@ -282,3 +282,16 @@ def test_layer_table_has_every_node():
     assert [r.op for r in rows] == [n.op_type for n in rg.model.graph.node]
     assert rows[-1].output_shape == (1, 1000)
     assert np.all([r.mac_cost > 0 for r in rows])
+
+
+def test_segnet_with_odd_sizes_is_analysed():
+    # at its default 360x480 the odd feature maps give MaxUnpool an output_shape input, which ONNX
+    # shape inference does not follow; the per-pixel cost must still scale with the area
+    from graphgen.registry import build_recipe
+
+    big = build_recipe("segnet", shape_only=True)
+    small = build_recipe("segnet", input_size=(64, 64), shape_only=True)
+    t_big = totals(layer_table(big.model, set(big.parameter_names)))
+    t_small = totals(layer_table(small.model, set(small.parameter_names)))
+    assert t_big["params"] == t_small["params"] == 29455125
+    assert t_big["macs"] / t_small["macs"] == pytest.approx(360 * 480 / 64 ** 2, rel=0.02)
