@@ -29,7 +29,8 @@ TORCHVISION_PARAMS = {
     "inception_v3": 23_834_568,
 }
 PAPER_PARAMS = {
-    "lenet5": 61_706,  # common variant; the paper's 60,000 is checked separately below
+    "lenet5": 60_000,  # the paper's trainable count (Section II.B); the RBF centres are a buffer
+    "lenet5_simplified": 61_706,  # the common textbook variant
     "nin": 7_595_176,  # authors' nin_imagenet: its 29 MiB of fp32 weights
     "sppnet": 46_628_968,  # ZF-5 + {1, 2, 4} pyramid; the paper gives no count
 }
@@ -181,23 +182,100 @@ def test_lenet5_layers_and_paper_parameter_count():
     shapes = {k: v.shape for k, v in sd.items()}
     assert shapes == {
         "c1.weight": (6, 1, 5, 5), "c1.bias": (6,),
+        "s2.weight": (6, 1, 1, 1), "s2.bias": (6,),
+        "c3.in3.weight": (6, 3, 5, 5), "c3.in3.bias": (6,),
+        "c3.in4.weight": (6, 4, 5, 5), "c3.in4.bias": (6,),
+        "c3.in4_skip.weight": (3, 4, 5, 5), "c3.in4_skip.bias": (3,),
+        "c3.in6.weight": (1, 6, 5, 5), "c3.in6.bias": (1,),
+        "s4.weight": (16, 1, 1, 1), "s4.bias": (16,),
+        "c5.weight": (120, 16, 5, 5), "c5.bias": (120,),
+        "f6.weight": (84, 120), "f6.bias": (84,),
+        "output.centers": (10, 84),
+    }
+    b = structure("lenet5")
+    per_layer = {}
+    for k in b.parameter_names:
+        layer = k.split(".")[0]
+        per_layer[layer] = per_layer.get(layer, 0) + sd[k].size
+    # Section II.B's counts, layer by layer; the RBF output's fixed vectors are not trainable
+    assert per_layer == {"c1": 156, "s2": 12, "c3": 1_516, "s4": 32, "c5": 48_120, "f6": 10_164}
+    assert b.buffer_names == ["output.centers"]
+    assert set(np.unique(small("lenet5").state_dict["output.centers"])) == {-1.0, 1.0}
+
+
+def test_lenet5_simplified_layers():
+    shapes = {k: v.shape for k, v in structure("lenet5_simplified").state_dict().items()}
+    assert shapes == {
+        "c1.weight": (6, 1, 5, 5), "c1.bias": (6,),
         "c3.weight": (16, 6, 5, 5), "c3.bias": (16,),
         "c5.weight": (120, 16, 5, 5), "c5.bias": (120,),
         "f6.weight": (84, 120), "f6.bias": (84,),
         "output.weight": (10, 84), "output.bias": (10,),
     }
-    # The paper's 60,000 trainable parameters: its C3 takes 3, 4 or 6 S2 maps per feature map
-    # (Table I: 6 maps x 3 inputs, 9 x 4, 1 x 6), S2 and S4 have a coefficient and a bias per
-    # map, and the RBF output is not trained. The layers we share with it have its sizes.
-    paper_c3 = (6 * 3 + 9 * 4 + 1 * 6) * 25 + 16
-    shared = sum(sd[k].size for k in ("c1.weight", "c1.bias", "c5.weight", "c5.bias", "f6.weight", "f6.bias"))
-    assert shared + paper_c3 + 2 * 6 + 2 * 16 == 60_000
 
 
-def test_lenet5_takes_only_32x32():
+# Table I of the paper: X marks which S2 maps (rows) each C3 map (columns) combines
+TABLE_I = """
+X...XXX..XXXX.XX
+XX...XXX..XXXX.X
+XXX...XXX..X.XXX
+.XXX..XXXX..X.XX
+..XXX..XXXX.XX.X
+...XXX..XXXX.XXX
+"""
+
+
+def _conv_valid(x, w, bias):
+    """numpy reference: x [C, H, W], w [O, C, k, k] -> [O, H-k+1, W-k+1]."""
+    k = w.shape[-1]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # C, H', W', k, k
+    return np.einsum("chwij,ocij->ohw", windows, w) + bias[:, None, None]
+
+
+def _squash(a):
+    return 1.7159 * np.tanh(2.0 / 3.0 * a)
+
+
+def _subsample(x, coef, bias):
+    n, h, w = x.shape
+    sums = x.reshape(n, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+    return sums * coef.reshape(-1, 1, 1) + bias[:, None, None]
+
+
+def test_lenet5_matches_a_numpy_forward_pass_with_table_i():
+    """The graph computes the paper's equations: C3 as a dense conv masked by Table I, RBF output."""
+    g = small("lenet5")
+    sd = {k: v.astype(np.float64) for k, v in g.state_dict.items()}
+    mask = np.array([[c == "X" for c in row] for row in TABLE_I.split()], np.float64).T  # [16 C3, 6 S2]
+    assert mask.sum() == 60  # 6x3 + 9x4 + 1x6 connections
+    c3_dense = np.zeros((16, 6, 5, 5))
+    c3_bias = np.zeros(16)
+    first = 0
+    for group in ("in3", "in4", "in4_skip", "in6"):
+        w, bias = sd[f"c3.{group}.weight"], sd[f"c3.{group}.bias"]
+        for m in range(w.shape[0]):
+            c3_dense[first + m][mask[first + m] > 0] = w[m]  # a map's inputs in ascending S2 order
+            c3_bias[first + m] = bias[m]
+        first += w.shape[0]
+    inputs = random_inputs(g.model, seed=3)
+    (x,) = inputs.values()
+    a = _squash(_conv_valid(x[0].astype(np.float64), sd["c1.weight"], sd["c1.bias"]))
+    a = _squash(_subsample(a, sd["s2.weight"], sd["s2.bias"]))
+    a = _squash(_conv_valid(a, c3_dense, c3_bias))
+    a = _squash(_subsample(a, sd["s4.weight"], sd["s4.bias"]))
+    a = _squash(_conv_valid(a, sd["c5.weight"], sd["c5.bias"])).reshape(-1)
+    a = _squash(sd["f6.weight"] @ a + sd["f6.bias"])
+    expected = ((a[None, :] - sd["output.centers"]) ** 2).sum(axis=1)
+    (out,) = run_onnxruntime(g.model, inputs)
+    assert out.shape == (1, 10)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet5_simplified"])
+def test_lenet5_takes_only_32x32(name):
     with pytest.raises(UserError):
-        build_recipe("lenet5", input_size=(28, 28))
-    assert small("lenet5").model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
+        build_recipe(name, input_size=(28, 28))
+    assert small(name).model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
 
 
 # ----------------------------------------------------------------------------- onnxruntime
