@@ -142,7 +142,9 @@ def run_library(lib_path: str | Path, spec: TargetSpec, model: onnx.ModelProto, 
     dev = tvm.cpu() if spec.arch != "cuda" else tvm.cuda()
     vm = relax.VirtualMachine(lib, dev)
     args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name]), dev) for v in graph_inputs(model)]
-    args += [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (extra_args or [])]
+    # not np.ascontiguousarray: it turns 0-d scalars (detached scalar constants) into shape (1,)
+    args += [tvm.runtime.tensor(a if a.flags.c_contiguous else a.copy(), dev)
+             for a in map(np.asarray, extra_args or [])]
     out = vm["main"](*args)
     outs = _flatten(out)
     return [o.numpy() for o in outs]
