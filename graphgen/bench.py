@@ -155,7 +155,9 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
         for label, database in builds:
             say(f"compiling {label} library for {spec.name}")
             lib = Path(tmp) / f"{label.replace(' ', '_')}.so"
-            info = compile_model(opt, spec, lib, database=database, log=say)
+            # graphgen's default schedules on (a build's default may still gate them behind
+            # GRAPHGEN_DEFAULT_SCHEDULES=1; see docs/tuning.md)
+            info = compile_model(opt, spec, lib, database=database, log=say, default_schedules=True)
             got = run_library(lib, spec, opt, inputs)
             c = compare(got, expected, out_names, DEFAULT_TOLERANCE)
             result["checks"][label] = {"ok": c.ok, "summary": c.summary(), "schedules": info.get("schedules")}

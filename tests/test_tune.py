@@ -10,7 +10,6 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 
 from graphgen.builder import GraphBuilder
@@ -170,6 +169,24 @@ def test_half_written_last_line_is_repaired_in_place(tmp_path):
     info = dbm.inspect(path, target_json=TARGET)
     assert info.repaired and info.records == 0
     assert (path / dbm.RECORDS).read_text() == ""
+
+
+def test_a_build_reads_a_snapshot_while_a_tuning_run_appends(tmp_path):
+    """A half-written last line during a build is a tuning run mid-append: read around, never cut
+    off or set aside; a second tuning run on the same database is refused in one line."""
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    (path / dbm.RECORDS).write_text('[0, [')
+    with dbm.locked(path):
+        assert dbm.is_locked(path)
+        opened = dbm.open_database(path, TARGET, create_missing=False, snapshot=True)
+        assert opened is not None and opened.info.records == 0
+        assert (path / dbm.RECORDS).read_text() == "[0, ["  # untouched
+        with pytest.raises(UserError, match="another graphgen tune is using") as e:
+            with dbm.locked(path):
+                pass
+        assert "\n" not in str(e.value)
+    assert not dbm.is_locked(path)
 
 
 def test_database_for_another_target_is_not_used(tmp_path):
@@ -359,3 +376,63 @@ def test_default_schedules_compile_for_neon_and_avx512(tmp_path, target):
     assert info["schedules"]["default_schedule"] >= 8 and not info["schedules"].get("default_schedule_failures")
     ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
     assert ok, problem
+
+
+def _emulated_aarch64_python():
+    """The aarch64 Python + runtime-only TVM that ``graphgen build --verify emulate`` sets up
+    under qemu (graphgen.emulate), if this machine already has it; None otherwise."""
+    from pathlib import Path
+
+    from graphgen.emulate.env import check_component
+
+    base = os.environ.get("GRAPHGEN_CACHE_DIR")
+    root = (Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphgen")
+    for comp in sorted((root / "emulation").glob("aarch64-*")):
+        if check_component(comp, "aarch64") is None and (comp / "bin" / "python3").exists():
+            return comp / "bin" / "python3"
+    return None
+
+
+def test_arm_tuning_over_rpc_on_an_emulated_board(tiny_onnx, tmp_path):
+    """The whole board path: aarch64 candidates cross-linked here, uploaded through the tracker to
+    a runtime-only TVM RPC server (an aarch64 Python under qemu stands in for the board), timed
+    there. Timings under emulation mean nothing; that every trial ran is what is checked."""
+    import subprocess
+    import time
+
+    import onnx
+    from tvm.rpc.tracker import Tracker
+
+    from graphgen.tune import measure, tune_onnx
+
+    guest = _emulated_aarch64_python()
+    if guest is None:
+        pytest.skip("no aarch64 emulation environment on this machine (graphgen build --verify emulate sets it up)")
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9390, silent=True)
+    # its own process group: the server forks a worker per session, which must go with it
+    server = subprocess.Popen([str(guest), "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker.port}",
+                               "--key", "emulated-a72", "--host", "127.0.0.1", "--port", "9600", "--port-end", "9800"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    addr = f"127.0.0.1:{tracker.port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                measure.check_tracker(addr, "emulated-a72")
+                break
+            except UserError:
+                assert server.poll() is None and time.monotonic() < deadline, "the emulated RPC server did not come up"
+                time.sleep(0.5)
+        res = tune_onnx(onnx.load(str(tiny_onnx)), resolve_target("arm"), trials=8, batch=2,
+                        db=tmp_path / "armdb", rpc_tracker=addr, rpc_key="emulated-a72")
+        assert res.runner.startswith("rpc") and res.covered == res.tasks
+        assert all(p["best_us"] for p in res.per_task), res.per_task  # every kernel ran on the "board"
+        assert res.target["mtriple"].startswith("aarch64")
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # the group this test created, nothing else
+        except ProcessLookupError:
+            pass
+        server.wait(timeout=30)
+        tracker.terminate()
+

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class DatabaseInfo:
     workloads: list[str] = field(default_factory=list)  # structural hash per workload line
     stats: dict[str, WorkloadStats] = field(default_factory=dict)  # by structural hash
     repaired: str | None = None
+    workload_bytes: bytes = b""  # the complete lines, for a read-only snapshot
+    record_bytes: bytes = b""
 
     @property
     def records(self) -> int:
@@ -95,30 +98,39 @@ class DatabaseProblem(Exception):
     """The folder is not a database this graphgen and TVM can use; the message says why (one line)."""
 
 
-def _read_lines(path: Path, what: str, repair: bool) -> tuple[list, str | None]:
-    """Parse a JSON-lines file. Only a truncated final line (killed mid-append) is dropped."""
+def _read_lines(path: Path, what: str, repair: bool) -> tuple[list, str | None, bytes]:
+    """Parse a JSON-lines file -> (values, note, the complete lines' bytes).
+
+    The only damage accepted is an unfinished last line (no newline after it): a tuning run
+    appending at this moment, or one killed mid-append. ``repair`` (only while holding the
+    database's lock) cuts it off the file; otherwise it is just not read.
+    """
     if not path.exists():
-        return [], None
+        return [], None, b""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DatabaseProblem(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     lines = text.split("\n")
-    out, repaired = [], None
+    out, note, keep = [], None, len(lines)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            last = i == len(lines) - 1  # no newline after it: the append never finished
-            if last and repair:
-                repaired = f"dropped a half-written last line of {path.name}"
-                path.write_bytes("\n".join(lines[:i]).encode() + (b"\n" if i else b""))
+            if i == len(lines) - 1:  # no newline after it: the append has not finished
+                keep = i
+                if repair:
+                    note = f"dropped a half-written last line of {path.name}"
+                    path.write_bytes("\n".join(lines[:i]).encode() + (b"\n" if i else b""))
                 break
             raise DatabaseProblem(f"{what} line {i + 1} is not JSON ({e.msg})") from e
-    return out, repaired
+    complete = "\n".join(lines[:keep]).encode()
+    if complete and not complete.endswith(b"\n"):
+        complete += b"\n"
+    return out, note, complete
 
 
 def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool = True) -> DatabaseInfo:
@@ -144,12 +156,12 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
         raise DatabaseProblem(f"tuned for target {_canonical(meta.get('target') or {})}, "
                               f"not {_canonical(target_json)}")
     info = DatabaseInfo(path, meta)
-    workloads, rep1 = _read_lines(path / WORKLOADS, WORKLOADS, repair)
+    workloads, rep1, info.workload_bytes = _read_lines(path / WORKLOADS, WORKLOADS, repair)
     for i, w in enumerate(workloads):
         if not (isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w)):
             raise DatabaseProblem(f"{WORKLOADS} line {i + 1} is not a [hash, module] pair")
         info.workloads.append(w[0])
-    records, rep2 = _read_lines(path / RECORDS, RECORDS, repair)
+    records, rep2, info.record_bytes = _read_lines(path / RECORDS, RECORDS, repair)
     for i, r in enumerate(records):
         if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
                 and len(r[1]) >= 2):
@@ -206,15 +218,72 @@ class OpenDatabase:
         self.info = inspect(self.info.path, repair=False)
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file of a database folder: beside it, so it survives the folder being set aside."""
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def locked(path: str | Path):
+    """Hold the database's lock for a tuning run: one writer per database.
+
+    TVM's JSONDatabase keeps its own workload numbering in memory and appends, so two tuning
+    runs appending to one folder would corrupt it. Raises UserError when another run holds it.
+    """
+    import fcntl
+
+    from graphgen.errors import UserError
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock_path(path), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise UserError(f"another graphgen tune is using the tuning database {path}; one tuning run "
+                            f"per database at a time (builds may read it meanwhile)") from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a tuning run holds the database's lock right now."""
+    import fcntl
+
+    lp = lock_path(Path(path))
+    if not lp.exists():
+        return False
+    with open(lp, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def open_database(path: str | Path, target_json: dict, *, create_missing: bool = True,
-                  report=None) -> OpenDatabase | None:
+                  report=None, snapshot: bool = False) -> OpenDatabase | None:
     """Open (creating when asked) the database at ``path`` for ``target_json``.
 
     Returns None when there is no database and ``create_missing`` is false. A database that
     cannot be used is reported through ``report`` in one line and moved aside; a fresh one is
     created in its place when ``create_missing`` (else None is returned). Never raises for a
     bad database.
+
+    ``snapshot`` (builds): read-only; TVM loads a copy of the complete lines, so a tuning run
+    appending meanwhile is neither disturbed nor mistaken for damage, and a database that
+    fails while a tuning run holds its lock is reported, not moved.
     """
+    import shutil
+    import tempfile
+
     from tvm.s_tir import meta_schedule as ms
 
     report = report or (lambda msg: None)
@@ -226,9 +295,19 @@ def open_database(path: str | Path, target_json: dict, *, create_missing: bool =
                 return None
             create(path, target_json)
         try:
-            info = inspect(path, target_json=target_json)
-            db = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=False,
-                                          module_equality="structural")
+            info = inspect(path, target_json=target_json, repair=not snapshot)
+            if snapshot:
+                tmp = Path(tempfile.mkdtemp(prefix="graphgen-db-"))
+                try:
+                    (tmp / WORKLOADS).write_bytes(info.workload_bytes)
+                    (tmp / RECORDS).write_bytes(info.record_bytes)
+                    db = ms.database.JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=False,
+                                                  module_equality="structural")
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # loaded into memory; a build never writes
+            else:
+                db = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=False,
+                                              module_equality="structural")
             if info.repaired:
                 note = f"tuning database {path}: {info.repaired}"
                 report(note)
@@ -238,6 +317,10 @@ def open_database(path: str | Path, target_json: dict, *, create_missing: bool =
         except Exception as e:  # TVM could not load what plain JSON accepted (a module from another TVM)
             lines = str(e).strip().splitlines()
             reason = f"TVM cannot load it: {lines[-1][:160] if lines else type(e).__name__}"
+        if snapshot and is_locked(path):
+            note = f"tuning database {path} not used ({reason}); a tuning run is writing it"
+            report(note)
+            return None
         try:
             aside = set_aside(path)
             note = f"tuning database {path} set aside ({reason}); moved to {aside.name}"

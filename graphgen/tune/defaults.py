@@ -78,7 +78,10 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def _int(x) -> int:
-    return int(x)
+    try:
+        return int(x)
+    except TypeError as e:  # a symbolic extent: dynamic shapes get TVM's plain lowering
+        raise NotMatched("dynamic shape") from e
 
 
 def _vector_ok(n: int, lanes: int) -> bool:
@@ -101,7 +104,10 @@ def _buf(region):
 # -- kernel anatomy ---------------------------------------------------------------------------
 
 def _blocks(sch):
-    root = sch.get_sblock("root")
+    try:
+        root = sch.get_sblock("root")
+    except Exception as e:  # noqa: BLE001 - no block structure (an extern call): nothing to schedule
+        raise NotMatched("no root block") from e
     return [b for b in sch.get_child_blocks(root)]
 
 
@@ -111,7 +117,10 @@ def _iter_kinds(sch, block) -> str:
 
 
 def _output_blocks(sch) -> list:
-    return list(sch.get_output_blocks(sch.get_sblock("root")))
+    try:
+        return list(sch.get_output_blocks(sch.get_sblock("root")))
+    except Exception as e:  # noqa: BLE001
+        raise NotMatched("no root block") from e
 
 
 def _writes_output(sch, block, outputs) -> bool:
@@ -576,6 +585,10 @@ def default_schedule(func, isa: Isa, mod=None):
     sch = Schedule(base)
     outputs = _output_blocks(sch)
     blocks = _blocks(sch)
+    if any(not sch.get(b).iter_vars for b in blocks):
+        # opaque blocks (extern calls such as argsort, hand-written loops in NMS) read buffers
+        # the schedule primitives cannot see: inlining a producer breaks them
+        raise NotMatched("the kernel has opaque blocks")
     reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
     kind = None
     if len(reductions) == 1:
@@ -589,7 +602,8 @@ def default_schedule(func, isa: Isa, mod=None):
     if kind is None:
         sch = Schedule(base)
         kind = schedule_generic(sch, isa, _output_blocks(sch))
-    _rewrite_weight_layout(sch)
+    if kind.startswith(("conv2d", "grouped conv2d", "depthwise", "dense")):
+        _rewrite_weight_layout(sch)  # the classes whose loops read weights in a repacked order
     return sch, kind
 
 
@@ -599,6 +613,19 @@ def _rewrite_weight_layout(sch) -> None:
 
     sch.enter_postproc()  # as MetaSchedule records it, so the trace replays from a database
     ms.postproc.RewriteLayout().apply(sch)
+
+
+def has_layout_rewrite(func) -> bool:
+    """Whether a scheduled kernel repacks a weight (a preprocessing block SplitLayoutRewritePreproc
+    moves out and FoldConstant folds)."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    try:
+        sch = Schedule(tvm.IRModule({"main": func}))
+        return any("meta_schedule.layout_rewrite_preproc" in sch.get(b).annotations for b in _blocks(sch))
+    except Exception:  # noqa: BLE001 - not a block-structured kernel: nothing to split
+        return False
 
 
 def apply_default_schedules(mod, target, stats):

@@ -105,7 +105,6 @@ def _is_scheduled(func) -> bool:
 
 def schedule_kernels(mod, target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None):
     """Give every fused kernel a schedule: the database's best, else graphgen's default."""
-    import tvm
     from tvm import relax, tirx
 
     stats = stats if stats is not None else ScheduleStats()
@@ -121,6 +120,27 @@ def schedule_kernels(mod, target, database=None, default_schedules: bool = True,
 
         mod = apply_default_schedules(mod, target, stats)
     stats.plain = stats.kernels - stats.from_database - stats.default
+    return _drop_unused_layout_free(mod)
+
+
+def _drop_unused_layout_free(mod):
+    """Keep the ``layout_free_buffers`` mark only on kernels that repack a weight.
+
+    SplitLayoutRewritePreproc visits every kernel carrying the mark and refuses some it has
+    nothing to do with (measured: SSDlite's NonMaxSuppression tail, "There should be a compute
+    block if there is only one subtree under the root").
+    """
+    from tvm import tirx
+
+    from graphgen.tune.defaults import has_layout_rewrite
+
+    updates = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "layout_free_buffers" in f.attrs \
+                and not has_layout_rewrite(f):
+            updates[gv] = f.without_attr("layout_free_buffers")
+    for gv, f in updates.items():
+        mod[gv] = f
     return mod
 
 
@@ -131,12 +151,39 @@ def finish(mod, target):
     from tvm.relax.backend.cpu_generic import pipeline as rp
 
     with target:
+        mod = _split_layout_rewrite(mod)
         return tvm.transform.Sequential([
-            relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             *rp.dataflow_lower_passes(target),
             *rp.finalize_passes(target),
         ])(mod)
+
+
+def _split_layout_rewrite(mod):
+    """SplitLayoutRewritePreproc over the kernels that repack a weight, and only those.
+
+    The pass visits every TIR function of the module and refuses some it has nothing to do
+    with (measured: SSDlite's top-k / scatter kernels, whose bodies are extern calls: "There
+    should be a compute block if there is only one subtree under the root"). So it runs on a
+    module holding the Relax functions and the repacking kernels; the other kernels are put
+    back unchanged.
+    """
+    import tvm
+    from tvm import relax, tirx
+
+    from graphgen.tune.defaults import has_layout_rewrite
+
+    kernels = {gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    repack = {gv for gv, f in kernels.items() if has_layout_rewrite(f)}
+    if not repack:
+        return mod
+    sub = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in kernels or gv in repack},
+                       attrs=mod.attrs, global_infos=mod.global_infos)
+    out = relax.transform.SplitLayoutRewritePreproc()(sub)
+    for gv, f in kernels.items():
+        if gv not in repack:
+            out[gv] = f
+    return out
 
 
 def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
@@ -169,18 +216,23 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     notes: list[str] = []
     opened = None
     if database is not None:
-        opened = dbm.open_database(database, tuning_target_json(spec), create_missing=False, report=notes.append)
+        opened = dbm.open_database(database, tuning_target_json(spec), create_missing=False, report=notes.append,
+                                   snapshot=True)
     stats = ScheduleStats()
     attempts = [(opened, default_schedules)]
     if opened is not None:
         attempts.append((None, default_schedules))
-    if default_schedules:
-        attempts.append((None, False))
+    attempts.append((None, None))  # last resort: TVM's own default pipeline, as before graphgen's
     for i, (db, defaults) in enumerate(attempts):
         stats = ScheduleStats()
         try:
-            executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
-                target, db.tvm_db if db else None, defaults, stats, layout_rewrite))
+            if defaults is None:
+                from tvm import relax
+
+                executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+            else:
+                executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
+                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite))
             opened = db
             break
         except Exception as e:  # noqa: BLE001 - fall back to a safer pipeline, say so
@@ -191,7 +243,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
             if db is not None:
                 notes.append(f"tuning database {db.path} could not be applied ({why}); built without it")
             else:
-                notes.append(f"default schedules failed to compile ({why}); built with TVM's plain lowering")
+                notes.append(f"graphgen's CPU pipeline failed ({why}); built with TVM's default pipeline")
     for n in notes:
         log(n)
     info["schedules"] = {**stats.as_dict(), "database": str(opened.path) if opened else None}

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphgen.errors import UserError
+from graphgen.errors import BuildError, GraphgenError, UserError
 from graphgen.tune import database as dbm
 from graphgen.tune import measure, pipeline
 from graphgen.tune.scheduler import Plan, TaskState, make_task_scheduler
@@ -174,9 +174,13 @@ def _cost_model(opened, n_threads: int, report):
 def _save_cost_model(cm, opened) -> None:
     if cm is None:
         return
+    import warnings
+
     tmp = opened.path / (COST_MODEL_FILE + ".tmp")
     try:
-        cm.save(str(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # xgboost: "Saving model in the UBJSON format as default"
+            cm.save(str(tmp))
         tmp.replace(opened.path / COST_MODEL_FILE)
     except Exception:  # noqa: BLE001 - the records are what matter; the model is a speed-up
         tmp.unlink(missing_ok=True)
@@ -333,7 +337,6 @@ def tune_onnx(model, spec, *, trials: int | None = None, minutes: float | None =
     count: running the same command again after Ctrl-C resumes). ``minutes`` bounds this run's
     wall time. With neither, the budget is 32 trials per kernel.
     """
-    from graphgen.compile.tvm_build import import_onnx
 
     report = report or (lambda msg: None)
     if trials is not None and trials < 1:
@@ -353,12 +356,26 @@ def tune_onnx(model, spec, *, trials: int | None = None, minutes: float | None =
 
     target_json = pipeline.tuning_target_json(spec)
     db_path = Path(db).expanduser() if db is not None else dbm.default_db_path(spec.name, target_json)
-    opened = dbm.open_database(db_path, target_json, create_missing=True, report=report)
-    if opened is None:
-        raise UserError(f"cannot use the tuning database at {db_path}")
-    return _tune(import_onnx(model), spec, opened, target_json, trials=trials, minutes=minutes,
-                 rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=progress, report=report, batch=batch,
-                 seed=seed, after_batch=after_batch)
+    with dbm.locked(db_path):
+        opened = dbm.open_database(db_path, target_json, create_missing=True, report=report)
+        if opened is None:
+            raise UserError(f"cannot use the tuning database at {db_path}")
+        return _tune_reporting(model, spec, opened, target_json, trials=trials, minutes=minutes,
+                               rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=progress, report=report,
+                               batch=batch, seed=seed, after_batch=after_batch)
+
+
+def _tune_reporting(model, spec, opened, target_json, **kw) -> TuneResult:
+    from graphgen.compile.tvm_build import import_onnx
+
+    try:
+        return _tune(import_onnx(model), spec, opened, target_json, **kw)
+    except (GraphgenError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # one line for the user; the trials measured so far stay in the database
+        lines = str(e).strip().splitlines()
+        raise BuildError(f"tuning failed: {lines[-1][:200] if lines else type(e).__name__} (the trials measured "
+                         f"so far are in {opened.path})") from e
 
 
 def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trials, minutes, rpc_tracker, rpc_key,
