@@ -35,12 +35,14 @@ def markdown(results: list[dict], seconds: float) -> str:
         return "(no results)"
     tuned = any(_ms(r, "graphgen tuned") is not None for r in results)
     ov = any(_ms(r, "openvino") is not None for r in results)
-    head = ["model", "input", "graphgen ms"] + (["graphgen tuned ms"] if tuned else []) + ["onnxruntime ms"] \
-        + (["OpenVINO ms"] if ov else []) + ["graphgen / ORT"] + (["tuned / ORT"] if tuned else [])
+    head = ["model", "input", "threads", "graphgen ms"] + (["graphgen tuned ms"] if tuned else []) \
+        + ["onnxruntime ms"] + (["OpenVINO ms"] if ov else []) + ["graphgen / ORT"] \
+        + (["tuned / ORT"] if tuned else []) + ["ORT GFLOP/s (of sgemm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         g, t, o, v = (_ms(r, k) for k in ("graphgen", "graphgen tuned", "onnxruntime", "openvino"))
-        cells = [r["model"], "x".join(map(str, r["input_size"] or [])), f"{g:.2f}" if g else "n/a"]
+        cells = [r["model"], "x".join(map(str, r["input_size"] or [])), str(r["threads"]),
+                 f"{g:.2f}" if g else "n/a"]
         if tuned:
             cells.append(f"{t:.2f}" if t else "n/a")
         cells.append(f"{o:.2f}" if o else "n/a")
@@ -49,6 +51,8 @@ def markdown(results: list[dict], seconds: float) -> str:
         cells.append(f"{g / o:.2f}" if g and o else "n/a")
         if tuned:
             cells.append(f"{t / o:.2f}" if t and o else "n/a")
+        ort = next((row for row in r["runtimes"] if row["runtime"] == "onnxruntime"), {})
+        cells.append(f"{ort['gflops']} ({ort['of_sgemm']:.0%})" if ort.get("of_sgemm") is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     h = results[0]["host"]
     loads = [r["host"]["load_average"][0] for r in results if r["host"].get("load_average")] + \
@@ -56,13 +60,24 @@ def markdown(results: list[dict], seconds: float) -> str:
     versions = {row["runtime"]: row["version"] for r in results for row in r["runtimes"]}
     lines += ["",
               f"Measured {time.strftime('%Y-%m-%d')} on {h['cpu']} ({h['logical_cores']} logical / "
-              f"{h['physical_cores']} physical cores, {results[0]['threads']} threads for every runtime), "
+              f"{h['physical_cores']} physical cores; the same thread count for every runtime of a row), "
               f"{h['platform']}; {', '.join(sorted(set(versions.values())))}. Batch 1, fp32, median latency after "
               f"warm-up, runtimes interleaved in one process ({seconds:.0f} s in all). 1-minute load average "
               f"during the run: {min(loads):.1f}-{max(loads):.1f}"
               + (" - the machine was shared, so absolute numbers are inflated and ratios are indicative only."
                  if loads and max(loads) > 1.5 * (h['logical_cores'] or 1) / 2 else "."),
-              "", "Reproduce: `python benchmarks/zoo.py` (add `--tuned` after `graphgen tune MODEL`)."]
+              ""]
+    ceilings = {}
+    for r in results:
+        if r.get("sgemm_gflops"):
+            ceilings.setdefault(r["threads"], []).append(r["sgemm_gflops"])
+    if ceilings:
+        lines += ["GFLOP/s = 2 x MACs / latency. \"of sgemm\": share of onnxruntime's own fp32 1024^3 MatMul "
+                  "speed at the same thread count, measured in the same run ("
+                  + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {max(v):.0f} GFLOP/s"
+                              for t, v in sorted(ceilings.items())) + "), a practical ceiling for any "
+                  "direct convolution on this host.", ""]
+    lines += ["Reproduce: `python benchmarks/zoo.py --threads 1,2` (add `--tuned` after `graphgen tune MODEL`)."]
     return "\n".join(lines)
 
 
@@ -83,7 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--tuned", action="store_true", help="also time libraries built with the tuning database")
     ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", default=None,
+                    help="threads for every runtime, or a comma-separated list (a row per model and count); "
+                         "default: physical cores")
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--png", default=str(ROOT / "benchmarks" / "zoo.png"))
@@ -92,10 +109,11 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        print(f"== {name}", file=sys.stderr, flush=True)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    for name, threads in [(m.strip(), t) for t in thread_counts for m in args.models.split(",") if m.strip()]:
+        print(f"== {name}" + (f" ({threads} threads)" if threads else ""), file=sys.stderr, flush=True)
         try:
-            res = bench(name, args.target, tuned=args.tuned, runs=args.runs, threads=args.threads,
+            res = bench(name, args.target, tuned=args.tuned, runs=args.runs, threads=threads,
                         progress=lambda m: print("   " + m, file=sys.stderr, flush=True))
         except Exception as e:  # noqa: BLE001 - one model's failure is reported, the rest go on
             print(f"   {name}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -197,7 +197,7 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
                                    database=db_path)
         progress(f"[3/4] verifying")
         verification = verify_library(lib_path, spec, opt.model, tolerance=tolerance, seed=VERIFY_SEED,
-                                      mode=verify_mode, remote=remote, progress=progress)
+                                      mode=verify_mode, remote=remote, progress=progress, build_info=build_info)
         progress(f"      {verification['summary']}")
         manifest = {
             "graphgen_version": __version__,
@@ -228,7 +228,8 @@ def _target_brief(spec) -> str:
 
 
 def verify_library(lib_path: Path, spec, model: onnx.ModelProto, *, tolerance: float = DEFAULT_TOLERANCE,
-                   seed: int = 0, mode: str = "host", remote=None, progress=None) -> dict:
+                   seed: int = 0, mode: str = "host", remote=None, progress=None,
+                   build_info: dict | None = None) -> dict:
     """Run the library against onnxruntime where this host can, else check what can be checked statically."""
     import onnxruntime
 
@@ -248,7 +249,7 @@ def verify_library(lib_path: Path, spec, model: onnx.ModelProto, *, tolerance: f
         from graphgen.emulate import verify_elsewhere
 
         return verify_elsewhere(mode, lib_path, spec, model, result, tolerance=tolerance, seed=seed, remote=remote,
-                                progress=progress)
+                                progress=progress, build_info=build_info)
     if spec.arch == "cuda":
         return _verify_cuda(lib_path, spec, model, result, tolerance, seed)
     if not spec.host_runnable:

@@ -29,6 +29,7 @@ from graphgen.errors import UserError
 #: seconds of timed runs per runtime when ``runs`` is not given
 DEFAULT_SECONDS = 2.0
 ROUNDS = 5
+SEGMENT_WARMUP = 3
 
 
 def host_description() -> dict:
@@ -51,11 +52,22 @@ def host_description() -> dict:
             "platform": platform.platform()}
 
 
-def _set_tvm_threads(n: int) -> None:
+def set_tvm_threads(n: int) -> None:
+    """Make TVM's thread pool run ``n`` threads over the cores this process may use.
+
+    TVM's default pool size halves the logical core count on x86 (it assumes hyper-threads),
+    and "big cores" mode (``config_threadpool(1, n)``) cannot grow the pool past that default:
+    both left a 2-core VM without hyper-threads at one thread (measured: SqueezeNet 12.6 ms
+    at "2 threads", 6.2 ms with two real ones). Mode -3 (threads share the listed cores)
+    sizes the pool as asked.
+    """
     import tvm_ffi
 
-    # mode 1: big cores first; n threads
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    tvm_ffi.get_global_func("runtime.config_threadpool")(-3, int(n), [str(c) for c in cpus])
 
 
 def _tvm_runner(lib_path: Path, inputs: dict, model):
@@ -147,7 +159,7 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
         if not db_path.exists():
             raise UserError(f"--tuned: no tuning database at {db_path}; run `graphgen tune {model} --target "
                             f"{spec.name}` first")
-    _set_tvm_threads(threads)
+    set_tvm_threads(threads)
     runners: list[tuple[str, str, object]] = []
     with tempfile.TemporaryDirectory(prefix="graphgen-bench-") as tmp:
         onnx_path = save_onnx(opt, Path(tmp) / "model.onnx")
@@ -155,8 +167,8 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
         for label, database in builds:
             say(f"compiling {label} library for {spec.name}")
             lib = Path(tmp) / f"{label.replace(' ', '_')}.so"
-            # graphgen's default schedules on (a build's default may still gate them behind
-            # GRAPHGEN_DEFAULT_SCHEDULES=1; see docs/tuning.md)
+            # graphgen's default schedules on whatever the environment says: the untuned row is
+            # what a default build ships
             info = compile_model(opt, spec, lib, database=database, log=say, default_schedules=True)
             got = run_library(lib, spec, opt, inputs)
             c = compare(got, expected, out_names, DEFAULT_TOLERANCE)
@@ -186,6 +198,11 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
             times[label] = []
         for _ in range(ROUNDS):
             for label, _, fn in runners:
+                # untimed runs first: the runtime timed before this one leaves its worker threads
+                # spinning for a while (TVM's and onnxruntime's pools both spin before sleeping),
+                # and with as many threads as cores they take this runtime's cores (measured:
+                # onnxruntime 2 threads 4.4 ms alone, 18 ms interleaved without these runs)
+                _time(fn, SEGMENT_WARMUP)
                 times[label].extend(_time(fn, per_round[label]))
     ort_median = statistics.median(times["onnxruntime"]) if "onnxruntime" in times else None
     for label, version, _ in runners:
@@ -197,9 +214,44 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
         if macs:
             row["gflops"] = round(2 * macs / med / 1e9, 1)
         result["runtimes"].append(row)
+    if macs:
+        ceiling = sgemm_ceiling(threads)
+        result["sgemm_gflops"] = round(ceiling, 1)
+        for row in result["runtimes"]:
+            row["of_sgemm"] = round(row["gflops"] / ceiling, 2)
     result["host"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") \
         else None
     return result
+
+
+def sgemm_ceiling(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    """GFLOP/s of onnxruntime's own fp32 matrix multiply (MLAS, n x n x n) at ``threads`` threads.
+
+    A practical ceiling for fp32 convolution on this host: a direct convolution does the same
+    multiply-adds as a GEMM with worse data reuse, so neither runtime can run a model's
+    MACs faster than this without an algorithm that does fewer of them (Winograd, FFT).
+    Reported next to each runtime's GFLOP/s so a latency ratio can be read against what the
+    machine can do.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "sgemm", [a], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"a": np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)}
+    _time(lambda: sess.run(None, feed), 3)
+    ts: list[float] = []
+    while sum(ts) < seconds or len(ts) < 5:
+        ts.extend(_time(lambda: sess.run(None, feed), 1))
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
 def _macs(model) -> int | None:
@@ -216,11 +268,15 @@ def format_table(res: dict) -> str:
     size = "x".join(map(str, res["input_size"])) if res.get("input_size") else ""
     lines = [f"{res['model']} {size} on {res['target']} ({h['cpu']}, {res['threads']} threads, load average "
              f"{h['load_average']} -> {h.get('load_average_after')})",
-             f"{'runtime':<16} {'median ms':>10} {'p10':>9} {'p90':>9} {'runs':>5} {'vs ORT':>7} {'GFLOP/s':>8}"]
+             f"{'runtime':<16} {'median ms':>10} {'p10':>9} {'p90':>9} {'runs':>5} {'vs ORT':>7} {'GFLOP/s':>8} "
+             f"{'of sgemm':>8}"]
     for r in res["runtimes"]:
         lines.append(f"{r['runtime']:<16} {r['median_ms']:>10.3f} {r['p10_ms']:>9.3f} {r['p90_ms']:>9.3f} "
                      f"{r['runs']:>5} {r['vs_onnxruntime'] if r['vs_onnxruntime'] is not None else '':>7} "
-                     f"{r.get('gflops', ''):>8}")
+                     f"{r.get('gflops', ''):>8} {r.get('of_sgemm', ''):>8}")
+    if res.get("sgemm_gflops"):
+        lines.append(f"sgemm ceiling: onnxruntime's 1024^3 fp32 MatMul runs at {res['sgemm_gflops']} GFLOP/s with "
+                     f"{res['threads']} threads here (2 x MACs / time, as the GFLOP/s column)")
     for label, c in res["checks"].items():
         s = c.get("schedules") or {}
         lines.append(f"{label}: {c['summary']}; kernels {s.get('kernels')}: {s.get('from_database', 0)} from the "

@@ -47,6 +47,10 @@ def test_bench_times_graphgen_and_onnxruntime_in_one_process(bench_result):
     ort = next(r for r in res["runtimes"] if r["runtime"] == "onnxruntime")
     assert ort["vs_onnxruntime"] == 1.0
     assert res["host"]["cpu"] and res["threads"] >= 1
+    # the host's fp32 ceiling (onnxruntime's own MatMul) and each runtime's share of it
+    assert res["sgemm_gflops"] > 0 and math.isfinite(res["sgemm_gflops"])
+    for r in res["runtimes"]:
+        assert r["of_sgemm"] == round(r["gflops"] / res["sgemm_gflops"], 2)
     if "openvino" not in names:
         assert res["openvino"] == "not installed" or res["openvino"].startswith("failed")
 
@@ -79,6 +83,7 @@ def test_zoo_writes_the_table_between_the_readme_markers(bench_result, tmp_path)
     spec.loader.exec_module(zoo)
     table = zoo.markdown([bench_result], 12.0)
     assert table.startswith("| model |") and bench_result["host"]["cpu"] in table and "load average" in table
+    assert "of sgemm" in table and f"{bench_result['sgemm_gflops']:.0f} GFLOP/s" in table
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Speed\n\n{zoo.START}\nold\n{zoo.END}\n\nafter\n")
     assert zoo.write_readme(readme, table)

@@ -129,7 +129,8 @@ def test_armv7_kernel_errors_come_back_from_the_driver(emulation, armv7_squeezen
     from graphgen.emulate import kernels as K
 
     model = onnx.load(str(armv7_squeezenet.path / "model.onnx"))
-    trace = K.trace_host(model, random_inputs(model, 0))
+    trace = K.trace_host(model, random_inputs(model, 0), like=resolve_target("armv7"),
+                         schedules=armv7_squeezenet.manifest["build"]["schedules"])
     first = trace.calls[0]
     a = first.args[0]
     first.args[0] = dataclasses.replace(a, shape=(a.shape[0], a.shape[1], a.shape[2] // 2, a.shape[3] * 2))
@@ -159,7 +160,7 @@ def test_armv7_every_kernel_checked_under_qemu_arm(armv7_squeezenet):
 def test_armv7_check_catches_a_library_built_from_other_weights(armv7_squeezenet):
     model = _perturbed(onnx.load(str(armv7_squeezenet.path / "model.onnx")))
     v = api.verify_library(armv7_squeezenet.path / "model.so", resolve_target("armv7"), model, mode="emulate",
-                           seed=0)
+                           seed=0, build_info=armv7_squeezenet.manifest["build"])
     assert v["status"] == "failed"
     assert v["weights"]["found_in_library"] == v["weights"]["total"] - 1
     assert any("weight tensors" in e for e in v["errors"])

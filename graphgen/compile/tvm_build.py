@@ -69,7 +69,8 @@ def lld_fcompile(spec: TargetSpec):
 
 
 def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None,
-                  params_as_inputs: bool = False, database=None, default_schedules: bool | None = None) -> dict:
+                  params_as_inputs: bool = False, database=None, default_schedules: bool | None = None,
+                  schedule_like: TargetSpec | None = None) -> dict:
     """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
 
     Returns facts for the manifest (timings, how it was linked, CUDA device code).
@@ -79,16 +80,17 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     CPU targets: every kernel gets the tuning ``database``'s schedule (a folder path, or None)
     when it has one, else graphgen's default schedule (see :mod:`graphgen.tune.pipeline`);
     ``info["schedules"]`` counts which. ``default_schedules=False`` with no database gives
-    TVM's plain default pipeline.
+    TVM's plain default pipeline; ``None`` means on unless the environment sets
+    ``GRAPHGEN_DEFAULT_SCHEDULES=0``. ``schedule_like`` schedules the kernels as a build for
+    that target would (see :func:`graphgen.tune.pipeline.compile_cpu`).
     """
     import tvm
     from tvm import relax
 
     if default_schedules is None:
-        # graphgen's own default schedules are opt-in for now (GRAPHGEN_DEFAULT_SCHEDULES=1): they
-        # still refuse some graphs (SSD's NonMaxSuppression tail) and their weight prepacking changes
-        # kernel signatures that the armv7 kernel check replays; TVM's own pipeline is the default
-        default_schedules = os.environ.get("GRAPHGEN_DEFAULT_SCHEDULES", "0") == "1"
+        # on by default: an untuned build must be usable (TVM's plain lowering is 25-100x slower
+        # than onnxruntime); GRAPHGEN_DEFAULT_SCHEDULES=0 turns them off (e.g. to compare)
+        default_schedules = os.environ.get("GRAPHGEN_DEFAULT_SCHEDULES", "1") != "0"
     log = log or (lambda msg: None)
     out_path = Path(out_path)
     info: dict = {}
@@ -105,10 +107,13 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
             from graphgen.tune.pipeline import compile_cpu
 
             executable = compile_cpu(mod, spec, database, default_schedules, info, log,
-                                     layout_rewrite=not params_as_inputs)
+                                     layout_rewrite=not params_as_inputs, schedule_like=schedule_like)
         else:
             pipeline = relax.get_default_pipeline(target)
             executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+            if spec.arch != "cuda":
+                info["schedules"] = {"pipeline": "tvm-default", "database": None, "isa": None,
+                                     "default_schedules": False, "layout_rewrite": False}
     except UserError:
         raise
     except Exception as e:

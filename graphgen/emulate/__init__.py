@@ -72,8 +72,11 @@ def _finish(result: dict, got, expected, model, tolerance) -> dict:
 
 
 def verify_elsewhere(mode: str, lib_path: Path, spec, model, result: dict, *, tolerance: float, seed: int,
-                     remote: RemoteSpec | None = None, progress=None) -> dict:
-    """Fill ``result`` (verify_library's dict, ELF already checked) by running in ``mode``."""
+                     remote: RemoteSpec | None = None, progress=None, build_info: dict | None = None) -> dict:
+    """Fill ``result`` (verify_library's dict, ELF already checked) by running in ``mode``.
+
+    ``build_info`` is the build's manifest ``build`` section: the armv7 kernel check compiles
+    its host reference with the same schedules (``build_info["schedules"]``)."""
     from graphgen.verify import random_inputs, run_onnxruntime
 
     progress = progress or (lambda msg: None)
@@ -96,7 +99,8 @@ def verify_elsewhere(mode: str, lib_path: Path, spec, model, result: dict, *, to
         return result
     if spec.arch == "aarch64":
         return _emulate_aarch64(lib_path, model, result, names, inputs, expected, tolerance, progress)
-    return _emulate_armv7(lib_path, model, result, inputs, expected, tolerance, progress)
+    return _emulate_armv7(lib_path, model, result, inputs, expected, tolerance, progress, spec,
+                          (build_info or {}).get("schedules"))
 
 
 def _emulate_aarch64(lib_path, model, result, names, inputs, expected, tolerance, progress) -> dict:
@@ -129,7 +133,8 @@ def _emulate_aarch64(lib_path, model, result, names, inputs, expected, tolerance
     return result
 
 
-def _emulate_armv7(lib_path, model, result, inputs, expected, tolerance, progress) -> dict:
+def _emulate_armv7(lib_path, model, result, inputs, expected, tolerance, progress, spec=None,
+                   schedules: dict | None = None) -> dict:
     from graphgen.emulate import kernels as K
     from graphgen.verify import compare
 
@@ -147,7 +152,7 @@ def _emulate_armv7(lib_path, model, result, inputs, expected, tolerance, progres
     progress(f"      tracing the kernel calls on this host, then running each armv7 kernel under "
              f"{comp.stamp.get('qemu_version', 'qemu-arm')}")
     try:
-        trace = K.trace_host(model, inputs)
+        trace = K.trace_host(model, inputs, like=spec, schedules=schedules)
         called = sorted({c.name for c in trace.calls})
         absent = [n for n in called if n not in names]
         if absent:
@@ -309,7 +314,7 @@ def verify_artifact(folder: str | Path, mode: str = "host", *, rpc: str | None =
     tol = tolerance if tolerance is not None else manifest.get("verification", {}).get("tolerance", DEFAULT_TOLERANCE)
     model = onnx.load(str(folder / "model.onnx"))
     v = verify_library(folder / "model.so", spec, model, tolerance=tol, seed=VERIFY_SEED, mode=mode,
-                       remote=remote, progress=progress)
+                       remote=remote, progress=progress, build_info=manifest.get("build"))
     previous = manifest.get("verification") or {}
     v["previous"] = [{k: previous.get(k) for k in ("mode", "status", "summary", "ran_on")}] + previous.get(
         "previous", [])[:4]

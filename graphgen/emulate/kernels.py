@@ -99,8 +99,15 @@ def _tensor_arg(t) -> tuple[TensorArg, np.ndarray]:
     return TensorArg(arr.ctypes.data, arr.nbytes, tuple(arr.shape), arr.dtype.str), arr
 
 
-def trace_host(model, inputs: dict, host_kernels: set[str] | None = None, log=None) -> Trace:
-    """Compile ``model`` for this host and record every kernel call of one VM run."""
+def trace_host(model, inputs: dict, host_kernels: set[str] | None = None, log=None, like=None,
+               schedules: dict | None = None) -> Trace:
+    """Compile ``model`` for this host and record every kernel call of one VM run.
+
+    ``like`` is the checked library's target and ``schedules`` its build's ``schedules``
+    facts (manifest ``build.schedules``): the host library is scheduled as that build was
+    (same pipeline, same tuning database, default schedules sized for that target's ISA), so
+    repacked weights and every kernel's arguments have the same shapes in both libraries.
+    """
     import tvm
     from tvm import relax
 
@@ -110,7 +117,7 @@ def trace_host(model, inputs: dict, host_kernels: set[str] | None = None, log=No
 
     with tempfile.TemporaryDirectory(prefix="graphgen-trace-") as tmp:
         lib_path = Path(tmp) / "host.so"
-        compile_model(model, resolve_target("x86"), lib_path)
+        compile_model(model, resolve_target("x86"), lib_path, **_schedule_as(like, schedules))
         kernels = set(kernel_names(dynamic_symbols(lib_path)))
         lib = tvm.runtime.load_module(str(lib_path))
         vm = relax.VirtualMachine(lib, tvm.cpu())
@@ -161,6 +168,18 @@ def trace_host(model, inputs: dict, host_kernels: set[str] | None = None, log=No
         outputs = [_tensor_arg(o)[0] for o in out]
         host_outputs = [o.numpy() for o in out]
     return Trace(calls, others, outputs, host_outputs, input_ranges)
+
+
+def _schedule_as(like, schedules: dict | None) -> dict:
+    """compile_model arguments that reproduce the kernels of a build of ``like`` (see trace_host)."""
+    if like is None:
+        return {}
+    schedules = schedules or {}
+    if schedules.get("pipeline") == "tvm-default":
+        return {"default_schedules": False}
+    db = schedules.get("database")
+    return {"schedule_like": like, "default_schedules": schedules.get("default_schedules", True),
+            "database": db if db and Path(db).is_dir() else None}
 
 
 class _Memory:

@@ -81,7 +81,7 @@ def build_database(model, spec, *, tune: bool = False, trials: int | None = None
 def manifest_section(build_info: dict, tune_result: TuneResult | None) -> dict:
     """The manifest's "tuning" section from what the compile and the tuning run reported."""
     sched = build_info.get("schedules")
-    if sched is None:
+    if sched is None or sched.get("pipeline") == "tvm-default":
         return {"status": "untuned", "note": "TVM's default pipeline for this target; no tuning database"}
     used = sched.get("from_database", 0)
     if tune_result is not None:

@@ -628,11 +628,12 @@ def has_layout_rewrite(func) -> bool:
         return False
 
 
-def apply_default_schedules(mod, target, stats):
-    """Schedule every fused kernel not yet scheduled (e.g. by the tuning database)."""
+def apply_default_schedules(mod, target, stats, isa: Isa | None = None):
+    """Schedule every fused kernel not yet scheduled (e.g. by the tuning database), sized for
+    ``isa`` (default: the target's)."""
     from tvm import tirx
 
-    isa = isa_of(target)
+    isa = isa or isa_of(target)
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):

@@ -103,8 +103,13 @@ def _is_scheduled(func) -> bool:
     return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 
 
-def schedule_kernels(mod, target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None):
-    """Give every fused kernel a schedule: the database's best, else graphgen's default."""
+def schedule_kernels(mod, target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
+                     isa=None):
+    """Give every fused kernel a schedule: the database's best, else graphgen's default.
+
+    ``isa`` (a :class:`graphgen.tune.defaults.Isa`) sizes the default schedules; default: the
+    target's own.
+    """
     from tvm import relax, tirx
 
     stats = stats if stats is not None else ScheduleStats()
@@ -118,7 +123,7 @@ def schedule_kernels(mod, target, database=None, default_schedules: bool = True,
     if default_schedules:
         from graphgen.tune.defaults import apply_default_schedules
 
-        mod = apply_default_schedules(mod, target, stats)
+        mod = apply_default_schedules(mod, target, stats, isa)
     stats.plain = stats.kernels - stats.from_database - stats.default
     return _drop_unused_layout_free(mod)
 
@@ -154,6 +159,10 @@ def finish(mod, target):
         mod = _split_layout_rewrite(mod)
         return tvm.transform.Sequential([
             relax.transform.FoldConstant(),
+            # the repacking kernels ran in FoldConstant and the kernels SplitLayoutRewritePreproc
+            # replaced are no longer called: without this they stay in the library (measured:
+            # SqueezeNet armv7, 36 dead kernels beside 26 live ones)
+            relax.transform.DeadCodeElimination(),
             *rp.dataflow_lower_passes(target),
             *rp.finalize_passes(target),
         ])(mod)
@@ -187,36 +196,45 @@ def _split_layout_rewrite(mod):
 
 
 def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
-                 layout_rewrite: bool = True):
+                 layout_rewrite: bool = True, isa=None):
     """A relax_pipeline for ``tvm.compile``: fuse, schedule every kernel, finish."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         mod = fuse(mod, target, layout_rewrite)
-        mod = schedule_kernels(mod, target, database, default_schedules, stats)
+        mod = schedule_kernels(mod, target, database, default_schedules, stats, isa)
         return finish(mod, target)
 
     return _pipeline
 
 
-def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=None, layout_rewrite: bool = True):
+def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=None, layout_rewrite: bool = True,
+                schedule_like=None):
     """``tvm.compile`` a Relax module for a CPU ``spec`` with :func:`cpu_pipeline`.
 
     ``database`` is a database folder (or None). A database that cannot be used is reported
     in one line (through ``log``, and ``info["schedules"]["database_note"]``) and the build
     goes on without it; so does a build whose database records fail to apply.
+
+    ``schedule_like`` (another CPU target spec) schedules the kernels as a build for that
+    target would: its ISA sizes the default schedules (so weights are repacked into the same
+    blocks) and ``database`` is that target's. The armv7 kernel check compiles its x86
+    reference this way, so that both libraries' kernels take identically laid-out arguments.
     """
     import tvm
 
     from graphgen.tune import database as dbm
+    from graphgen.tune.defaults import isa_of
 
     log = log or (lambda msg: None)
     target = spec.tvm_target()
+    like = schedule_like or spec
+    isa = isa_of(like.tvm_target())
     notes: list[str] = []
     opened = None
     if database is not None:
-        opened = dbm.open_database(database, tuning_target_json(spec), create_missing=False, report=notes.append,
+        opened = dbm.open_database(database, tuning_target_json(like), create_missing=False, report=notes.append,
                                    snapshot=True)
     stats = ScheduleStats()
     attempts = [(opened, default_schedules)]
@@ -232,8 +250,9 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                 executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
-                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite))
+                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa))
             opened = db
+            pipeline = "tvm-default" if defaults is None else "graphgen"
             break
         except Exception as e:  # noqa: BLE001 - fall back to a safer pipeline, say so
             if i == len(attempts) - 1:
@@ -246,7 +265,11 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                 notes.append(f"graphgen's CPU pipeline failed ({why}); built with TVM's default pipeline")
     for n in notes:
         log(n)
-    info["schedules"] = {**stats.as_dict(), "database": str(opened.path) if opened else None}
+    # what a build "like" this one needs to reproduce its kernels' signatures (the armv7 kernel check)
+    info["schedules"] = {**stats.as_dict(), "database": str(opened.path) if opened else None,
+                         "pipeline": pipeline, "isa": isa.name if pipeline == "graphgen" else None,
+                         "default_schedules": bool(default_schedules) and pipeline == "graphgen",
+                         "layout_rewrite": layout_rewrite and pipeline == "graphgen"}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
     if notes:
