@@ -51,9 +51,9 @@ def tuning_target(spec):
 def fuse(mod, target, layout_rewrite: bool = True):
     """Relax module -> fused TIR kernels (what MetaSchedule extracts tasks from).
 
-    ``layout_rewrite=False`` leaves the weights' layout alone: for modules whose weights are
-    run-time parameters (``params_as_inputs``), where repacking could not be folded into
-    constants and would run on every call.
+    ``layout_rewrite=False`` leaves the weights' layout alone (schedules then read them in
+    place). The weights are the module's constants, or its parameters after ``num_input``
+    (``params_as_inputs``): those are repacked by kernels the library runs on every call.
     """
     import tvm
     from tvm import relax
