@@ -111,11 +111,26 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def local_runner(timeout_s: float = 120.0):
-    """MetaSchedule's LocalRunner: a single worker process that lives for the whole session."""
+def _init_runner_worker(threads: int | None) -> None:
+    ignore_sigint()
+    if threads:
+        # candidates must run on as many threads as the built library will: TVM's default pool
+        # halves the core count on x86 (assumed hyper-threads), which left a 2-core VM timing
+        # every candidate on one thread
+        from graphgen.bench import set_tvm_threads
+
+        set_tvm_threads(threads)
+
+
+def local_runner(timeout_s: float = 120.0, threads: int | None = None):
+    """MetaSchedule's LocalRunner: a single worker process that lives for the whole session,
+    its TVM thread pool set to ``threads``."""
+    import functools
+
     from tvm.s_tir.meta_schedule.runner import LocalRunner
 
-    return LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator_config(), initializer=ignore_sigint)
+    return LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator_config(),
+                       initializer=functools.partial(_init_runner_worker, threads))
 
 
 def rpc_alloc_argument(session, device, args_info, alloc_repeat: int):

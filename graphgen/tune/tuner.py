@@ -437,7 +437,8 @@ def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trial
     undo_intrinsics = _cpu_tensor_intrinsics()
     try:
         builder = measure.in_process_builder(spec, work_dir)
-        runner = (measure.rpc_runner(rpc_tracker, rpc_key) if rpc_tracker else measure.local_runner())
+        runner = (measure.rpc_runner(rpc_tracker, rpc_key) if rpc_tracker
+                  else measure.local_runner(threads=n_threads if isinstance(n_threads, int) else None))
         callbacks = [*ms.MeasureCallback.create("default"), _make_measure_callback(plan, bar, after_batch)]
         cost_model = _cost_model(opened, n_threads if isinstance(n_threads, int) else 1, report)
         _measure_default_schedules(extracted, plan, opened, builder, runner, bar, after_batch)
