@@ -15,22 +15,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graphgen.optimize.fold_batchnorm import _inference_bn, bn_scale_shift
-from graphgen.optimize.graph import GraphView, add_const, add_node, static_shapes, toposort
+from graphgen.optimize.fold_batchnorm import bn_scale_shift, inference_batchnorms
+from graphgen.optimize.graph import add_const, add_node, toposort
 
 NAME = "batchnorm_to_mul_add"
 
 
 def run(model: onnx.ModelProto) -> int:
-    view = GraphView(model)
-    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    if not bns:
+    found = inference_batchnorms(model)
+    if found is None:
         return 0
-    shapes = static_shapes(model)
+    view, shapes, bns = found
     done = 0
     for bn in bns:
-        if not _inference_bn(view, bn):
-            continue
         ss = bn_scale_shift(view, bn)
         rank = len(shapes.get(bn.input[0], ()))
         if ss is None or rank < 2:

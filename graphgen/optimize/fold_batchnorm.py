@@ -44,16 +44,24 @@ def _inference_bn(view: GraphView, bn) -> bool:
             and all(not o or not view.consumers.get(o) and o not in view.graph_outputs for o in bn.output[1:]))
 
 
-def run(model: onnx.ModelProto) -> int:
-    view = GraphView(model)
+def inference_batchnorms(model: onnx.ModelProto):
+    """The shared start of the BatchNormalization passes: (view, static shapes, the model's
+    inference-mode BatchNormalization nodes, checked lazily as the pass rewrites the graph),
+    or None when the model has no BatchNormalization."""
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     if not bns:
+        return None
+    view = GraphView(model)
+    return view, static_shapes(model), (bn for bn in bns if _inference_bn(view, bn))
+
+
+def run(model: onnx.ModelProto) -> int:
+    found = inference_batchnorms(model)
+    if found is None:
         return 0
-    shapes = static_shapes(model)
+    view, shapes, bns = found
     folded = 0
     for bn in bns:
-        if not _inference_bn(view, bn):
-            continue
         x = bn.input[0]
         layer = view.producer.get(x)
         if layer is None or view.only_consumer(x) is not bn:
