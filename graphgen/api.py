@@ -172,6 +172,9 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
     t_start = time.perf_counter()
     spec = resolve_target(target, cpu=cpu, arch=arch)
     from graphgen.emulate import check_mode
+    from graphgen.tune.winograd import resolve_mode
+
+    resolve_mode()  # a bad GRAPHGEN_WINOGRAD is a user error before any work
 
     # verify: "host" (run here if the target is this host, else ELF checks), "emulate" (qemu, arm/armv7),
     # "rpc" (a board running tvm.exec.rpc_server: rpc="HOST:PORT" or rpc_tracker + rpc_key); see graphgen.emulate

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from graphgen import __version__
@@ -222,6 +223,10 @@ COMMANDS["optimize"] = _cmd_optimize
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    before = os.environ.get("GRAPHGEN_WINOGRAD")
+    if getattr(args, "winograd", None):
+        # one switch for every step of the command (tuning, compiling, the emulated reference)
+        os.environ["GRAPHGEN_WINOGRAD"] = args.winograd
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -236,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphgen: interrupted; nothing was published", file=sys.stderr)
         return 130
+    finally:
+        if before is None:
+            os.environ.pop("GRAPHGEN_WINOGRAD", None)
+        else:
+            os.environ["GRAPHGEN_WINOGRAD"] = before
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ def _schedule_as(like, schedules: dict | None) -> dict:
     if schedules.get("pipeline") == "tvm-default":
         return {"default_schedules": False}
     db = schedules.get("database")
+    # manifests from before Winograd kernels had none
     return {"schedule_like": like, "default_schedules": schedules.get("default_schedules", True),
-            "database": db if db and Path(db).is_dir() else None}
+            "database": db if db and Path(db).is_dir() else None, "winograd": schedules.get("winograd", "off")}
 
 
 class _Memory:

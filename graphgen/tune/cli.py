@@ -16,11 +16,19 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
                                                "$GRAPHGEN_CACHE_DIR or ~/.cache/graphgen/tuning)")
 
 
+def winograd_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--winograd", choices=["auto", "off", "2", "4"], default=None,
+                   help="3x3 stride-1 convs as Winograd F(4x4)/F(2x2) kernels on CPU targets: auto (where they pay, "
+                        "the default), off (smaller library: no transformed weights), 2 or 4 (force the tile); "
+                        "also GRAPHGEN_WINOGRAD")
+
+
 def add_build_options(p: argparse.ArgumentParser) -> None:
-    """--tune, --trials, --minutes, --db on ``graphgen build``."""
+    """--tune, --trials, --minutes, --db, --winograd on ``graphgen build``."""
     p.add_argument("--tune", action="store_true",
                    help="tune the kernels with MetaSchedule before compiling (boards: --rpc-tracker/--rpc-key)")
     _budget_options(p)
+    winograd_option(p)
 
 
 def add_subcommands(sub, add_model_options) -> dict:
@@ -35,6 +43,7 @@ def add_subcommands(sub, add_model_options) -> dict:
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered at this TVM RPC tracker")
     t.add_argument("--rpc-key", metavar="KEY", help="the boards' device key at the tracker")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
+    winograd_option(t)
 
     b = sub.add_parser("bench", help="median latency of the graphgen library vs onnxruntime (and OpenVINO)",
                        description="Build MODEL for this host and time it against onnxruntime (and OpenVINO when "
@@ -50,6 +59,7 @@ def add_subcommands(sub, add_model_options) -> dict:
     b.add_argument("--png", metavar="FILE", help="write the plot here (default bench-<model>-<target>.png)")
     b.add_argument("--no-png", action="store_true", help="no plot")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    winograd_option(b)
     return {"tune": cmd_tune, "bench": cmd_bench}
 
 

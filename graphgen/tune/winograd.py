@@ -1,0 +1,275 @@
+"""Winograd F(m x m, 3 x 3) for 3x3 stride-1 convolutions on CPU targets.
+
+A direct convolution does 9 multiply-adds per output and input channel. onnxruntime already
+runs SqueezeNet's and ResNet-18's direct convolutions at ~90 % of this host's fp32 GEMM speed,
+so a direct schedule, however tuned, cannot get much closer to it; doing fewer multiply-adds
+can. Winograd's minimal filtering (Lavin & Gray, 2016) computes an ``m x m`` output tile from an
+``(m+2) x (m+2)`` input tile with ``(m+2)^2`` multiply-adds per channel pair instead of
+``9 m^2``: 4x fewer for ``m = 4``, 2.25x for ``m = 2``.
+
+How it enters the pipeline: :func:`legalize_conv2d` replaces the legalization of
+``relax.nn.conv2d`` (graphgen's CPU pipeline, :func:`graphgen.tune.pipeline.fuse`) for convs
+that qualify (3x3, stride 1, dilation 1, one group, NCHW, constant fp32 weights, enough
+channels and output). The weight transform ``U = G g G^T`` is done here in float64 once
+(the library holds ``U``); the rest is one TIR kernel of four stages
+
+    winograd_data_pad      input padded to whole tiles (laid out channel-blocked by the schedule)
+    winograd_data_rows     B^T d per tile and input channel
+    winograd_data_pack     V = (B^T d) B                                  [P, alpha, alpha, C]
+    winograd_bgemm         M = V U, one GEMM per tile position            [P, alpha, alpha, K]
+    winograd_inverse_rows  A^T M per tile and output channel
+    winograd_inverse       Y = (A^T M) A, cropped to the output
+
+marked like a convolution (``op_pattern`` out-elementwise-fusable), so FuseOps fuses the bias,
+ReLU and residual add into it as before. The transforms are written as explicit sums of the
+matrices' nonzero entries, chosen by a ``Select`` on the tile position: once the schedule
+unrolls the tile loops the selects fold away and no multiply by zero is left (LLVM may not
+drop ``x * 0.0`` in IEEE arithmetic). :func:`graphgen.tune.defaults.schedule_winograd` gives
+the kernel its default schedule.
+
+Numerics (fp32, random data, against a float64 direct convolution): direct 1.6e-7 - 4.1e-7
+relative L2 per layer, F(2x2) 1.7e-7 - 6.9e-7, F(4x4) with the interpolation points
+0, -1, 1, 1/2, -2 (TVM's choice) 0.8e-6 - 2.8e-6. graphgen uses F(4x4) where the output is at
+least 16 tiles of 4x4, F(2x2) where that gives at least 32 tiles, else the direct conv
+(:data:`MIN_TILES`). ``graphgen build --winograd off`` (or ``GRAPHGEN_WINOGRAD=0``) turns the
+rewrite off, ``2`` or ``4`` forces one tile size; the build's manifest records the mode
+(``build.schedules.winograd``).
+
+Size: the library holds ``U``, ``alpha^2 / 9`` times the weights of each such conv (4x for
+F(4x4), 1.8x for F(2x2)); ResNet-18's library grows from 47 MB to about 120 MB. ``--winograd
+off`` is the choice where flash matters more than speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+#: the tile count is padded to a multiple of this (the GEMM's register tile)
+TILE_QUANTUM = 4
+
+#: TIR op pattern of a convolution: elementwise / broadcast consumers fuse into it
+OUT_ELEMWISE_FUSABLE = 4
+
+#: interpolation points per tile size (alpha - 1 finite points, plus infinity): TVM's
+#: choice for F(4x4, 3x3), measured the most accurate of the few tried here
+_POINTS = {2: (0.0, -1.0, 1.0), 4: (0.0, -1.0, 1.0, 0.5, -2.0)}
+
+
+@functools.lru_cache(maxsize=None)
+def transform_matrices(m: int):
+    """(A^T [m, alpha], B^T [alpha, alpha], G [alpha, 3]) in float64 for F(m x m, 3 x 3)."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution
+
+    a, b, g = _cook_toom_convolution(np.array(_POINTS[m], dtype=np.float64), m, 3)
+    # exact dyadic entries: round off the float noise of the construction
+    return np.round(a.T, 12), np.round(b.T, 12), g
+
+
+def weight_transform(weight: np.ndarray, m: int) -> np.ndarray:
+    """``U[e, n, c, k] = (G g_kc G^T)[e, n]`` for OIHW 3x3 weights, in float64, as float32."""
+    _, _, g = transform_matrices(m)
+    u = np.einsum("ea,kcab,nb->enck", g, weight.astype(np.float64), g)
+    return np.ascontiguousarray(u.astype(np.float32))
+
+
+def _tiles(out_h: int, out_w: int, m: int) -> int:
+    return -(-out_h // m) * -(-out_w // m)
+
+
+#: fewest output tiles (per image) worth a Winograd kernel: each transformed weight is used
+#: once per tile, and the transformed weights are alpha^2/9 times the size of the originals
+#: (4x for F(4x4)). Measured on AVX2, 512 -> 512 channels at 7x7: F(4x4) (4 tiles) ran 2.3x
+#: slower than the direct conv, memory-bound on 38 MB of weights; F(2x2) (16 tiles) 1.1x faster
+MIN_TILES = 16
+
+
+#: ``GRAPHGEN_WINOGRAD`` / ``--winograd`` values
+MODES = ("auto", "off", "2", "4")
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """``mode``, else the environment's ``GRAPHGEN_WINOGRAD`` (``1`` meaning auto, ``0`` off);
+    a value outside :data:`MODES` is a one-line user error."""
+    from graphgen.errors import UserError
+
+    if mode is None:
+        mode = os.environ.get("GRAPHGEN_WINOGRAD", "auto") or "auto"
+        mode = {"1": "auto", "0": "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise UserError(f"unknown Winograd mode {mode!r}; accepted: {', '.join(MODES)} "
+                        "(GRAPHGEN_WINOGRAD also takes 1 and 0)")
+    return mode
+
+
+def tile_size_for(out_h: int, out_w: int, mode: str | None = None) -> int | None:
+    """4 or 2 (the output tile), or None where a direct convolution is the better choice."""
+    mode = resolve_mode(mode)
+    if mode == "off":
+        return None
+    if mode in ("2", "4"):
+        return int(mode)
+    for m in (4, 2):
+        # F(2x2) only where F(4x4) has too few tiles and F(2x2) has plenty (7x7: direct)
+        if _tiles(out_h, out_w, m) >= (MIN_TILES if m == 4 else 2 * MIN_TILES):
+            return m
+    return None
+
+
+def enabled(mode: str | None = None) -> bool:
+    return resolve_mode(mode) != "off"
+
+
+def qualifies(in_channels: int, out_channels: int, out_h: int, out_w: int) -> bool:
+    """Shapes where Winograd pays (and the default schedule has whole vectors): enough output
+    channels for the GEMM's vector blocks, enough input channels for the transforms to be a
+    small share of the work, and an output of at least a few tiles."""
+    return out_channels % 8 == 0 and out_channels >= 16 and in_channels % 4 == 0 and in_channels >= 8 \
+        and min(out_h, out_w) >= 4
+
+
+def _sum_terms(terms):
+    """``sum(coef * x)`` without multiplying by +-1."""
+    expr = None
+    for coef, x in terms:
+        t = x if coef == 1.0 else (-x if coef == -1.0 else x * float(coef))
+        expr = t if expr is None else expr + t
+    return expr
+
+
+def winograd_conv2d_te(data, u, pads, m: int):
+    """The TE stages of a Winograd conv: ``data`` NCHW, ``u`` [alpha, alpha, C, K]; ``pads`` =
+    (top, left, bottom, right). Output NCHW, stride 1."""
+    from tvm import te, tirx
+
+    n_b, c_in, h, w = (int(x) for x in data.shape)
+    alpha, _, _, k_out = (int(x) for x in u.shape)
+    pt, pl, pb, pr = pads
+    out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
+    n_h, n_w = -(-out_h // m), -(-out_w // m)
+    real_tiles = n_b * n_h * n_w
+    # the GEMM's register tile takes 4 (or 8) tiles at a time; 49 or 169 tiles would leave
+    # only 1, 7 or 13 as perfect divisors. The few extra tiles repeat the last one (never read)
+    tiles = -(-real_tiles // TILE_QUANTUM) * TILE_QUANTUM
+    at, bt, _ = transform_matrices(m)
+    dt = data.dtype
+
+    ph_total, pw_total = n_h * m + 2, n_w * m + 2
+    zero = tirx.const(0.0, dt)
+    data_pad = te.compute(
+        (n_b, c_in, ph_total, pw_total),
+        lambda b, c, y, x: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w), data[b, c, y - pt, x - pl], zero),
+        name="winograd_data_pad")
+
+    def tile_of(p):
+        if tiles != real_tiles:
+            p = tirx.min(p, real_tiles - 1)
+        return p // (n_h * n_w), (p // n_w) % n_h, p % n_w
+
+    def select(i, n: int, branch):
+        """``branch(v)`` for the value v of ``i`` (a loop index the schedule unrolls)."""
+        e = branch(n - 1)
+        for v in range(n - 2, -1, -1):
+            e = tirx.Select(i == v, branch(v), e)
+        return e
+
+    # the transforms are separable (B^T d B = B^T (d B)): two passes of alpha-term sums keep
+    # each expression small (one 2-D pass made TVM's common-subexpression pass take ~3 s per kernel)
+    def rows(p, e, col, c):
+        b, ty, tx = tile_of(p)
+        return select(e, alpha, lambda ei: _sum_terms(
+            [(bt[ei, a], data_pad[b, c, ty * m + a, tx * m + col]) for a in range(alpha) if bt[ei, a] != 0]))
+
+    data_rows = te.compute((tiles, alpha, alpha, c_in), rows, name="winograd_data_rows")
+
+    # tile-major: the pack writes each tile's alpha^2 x C values close together (plane-major,
+    # 36 write streams 50 KB apart, ran 10x slower than the arithmetic)
+    data_pack = te.compute(
+        (tiles, alpha, alpha, c_in),
+        lambda p, e, nu, c: select(nu, alpha, lambda ni: _sum_terms(
+            [(bt[ni, col], data_rows[p, e, col, c]) for col in range(alpha) if bt[ni, col] != 0])),
+        name="winograd_data_pack")
+    rc = te.reduce_axis((0, c_in), name="rc")
+    bgemm = te.compute(
+        (tiles, alpha, alpha, k_out),
+        lambda p, e, nu, k: te.sum(data_pack[p, e, nu, rc] * u[e, nu, rc, k], axis=rc),
+        name="winograd_bgemm")
+    inverse_rows = te.compute(
+        (tiles, m, alpha, k_out),
+        lambda p, i, nu, k: select(i, m, lambda iv: _sum_terms(
+            [(at[iv, e], bgemm[p, e, nu, k]) for e in range(alpha) if at[iv, e] != 0])),
+        name="winograd_inverse_rows")
+
+    def inverse(b, k, y, x):
+        p = b * (n_h * n_w) + (y // m) * n_w + x // m
+        return select(x % m, m, lambda jv: _sum_terms(
+            [(at[jv, nu], inverse_rows[p, y % m, nu, k]) for nu in range(alpha) if at[jv, nu] != 0]))
+
+    return te.compute((n_b, k_out, out_h, out_w), inverse, name="winograd_inverse")
+
+
+def _conv_facts(call):
+    """(data shape, weight array, pads) of a relax.nn.conv2d call Winograd can take, else None."""
+    import tvm
+    from tvm import relax
+
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return None  # weights passed at run time (params_as_inputs): keep the direct conv
+    if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
+            str(attrs.out_layout) != "NCHW":
+        return None
+    if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1] or \
+            int(attrs.groups) != 1:
+        return None
+    sinfo = data.ty  # TVM 0.27's Relax types (struct_info before)
+    if not isinstance(sinfo, relax.type.TensorType) or str(sinfo.dtype) != "float32" or sinfo.shape is None:
+        return None
+    try:
+        shape = [int(x) for x in sinfo.shape]
+    except TypeError:
+        return None
+    out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
+    if out_dtype not in ("", "float32", "void", "None"):
+        return None
+    w = weight.value.numpy()
+    if w.dtype != np.float32 or w.ndim != 4 or w.shape[2:] != (3, 3):
+        return None
+    pads = [int(p) for p in attrs.padding]
+    if len(pads) == 2:
+        pads = pads * 2
+    if len(pads) != 4 or any(p < 0 or p > 2 for p in pads):
+        return None
+    out_h = shape[2] + pads[0] + pads[2] - 2
+    out_w = shape[3] + pads[1] + pads[3] - 2
+    if not qualifies(shape[1], w.shape[0], out_h, out_w):
+        return None
+    return shape, w, pads, out_h, out_w
+
+
+def legalize_conv2d(bb, call, mode: str | None = None):
+    """Legalization of ``relax.nn.conv2d``: Winograd where it qualifies, else TVM's own."""
+    import tvm
+    from tvm import relax
+
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+    facts = _conv_facts(call) if enabled(mode) else None
+    if facts is None:
+        return default(bb, call)
+    _, w, pads, out_h, out_w = facts
+    m = tile_size_for(out_h, out_w, mode)
+    if m is None:
+        return default(bb, call)
+    u = relax.const(weight_transform(w, m))
+    return bb.call_te(winograd_conv2d_te, call.args[0], u, pads, m, primfunc_name_hint="winograd_conv2d",
+                      primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+
+
+def legalize_map(mode: str | None = None) -> dict:
+    """LegalizeOps' ``customize_legalize_map`` for ``mode`` (see :func:`resolve_mode`)."""
+    mode = resolve_mode(mode)
+    return {"relax.nn.conv2d": lambda bb, call: legalize_conv2d(bb, call, mode)}

@@ -1,0 +1,187 @@
+"""Winograd F(4x4 / 2x2, 3x3) convolutions (graphgen.tune.winograd): the arithmetic, which convs
+take it, and the compiled kernels against onnxruntime (fp32, relative L2 < 1e-5)."""
+
+import numpy as np
+import pytest
+
+from graphgen.builder import GraphBuilder
+from graphgen.compile import compile_model, resolve_target, run_library
+from graphgen.tune import winograd
+from graphgen.verify import compare, random_inputs, run_onnxruntime
+
+TOL = 1e-5
+
+
+def _direct(x, w, pad):
+    c, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    out = np.zeros((w.shape[0], h + 2 * pad - 2, wd + 2 * pad - 2))
+    for a in range(3):
+        for b in range(3):
+            out += np.einsum("kc,chw->khw", w[:, :, a, b], xp[:, a:a + out.shape[1], b:b + out.shape[2]])
+    return out
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transform_matrices_compute_the_convolution_exactly(m):
+    """A^T [(G g G^T) * (B^T d B)] A is the 3x3 correlation of every m x m tile (float64)."""
+    at, bt, _ = winograd.transform_matrices(m)
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((5, 4 * m, 4 * m))
+    w = rng.standard_normal((6, 5, 3, 3))
+    u = np.einsum("ea,kcab,nb->enck", winograd.transform_matrices(m)[2], w, winograd.transform_matrices(m)[2])
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    a = m + 2
+    out = np.zeros((6, 4 * m, 4 * m))
+    for ty in range(4):
+        for tx in range(4):
+            d = xp[:, ty * m:ty * m + a, tx * m:tx * m + a]
+            v = np.einsum("ea,cab,nb->enc", bt, d, bt)
+            mm = np.einsum("enc,enck->enk", v, u)
+            out[:, ty * m:(ty + 1) * m, tx * m:(tx + 1) * m] = np.einsum("ie,enk,jn->kij", at, mm, at)
+    ref = _direct(x, w, 1)
+    assert np.abs(out - ref).max() < 1e-9 * np.abs(ref).max()
+    # the float32 weight transform is the float64 one rounded
+    u32 = winograd.weight_transform(w.astype(np.float32), m)
+    assert u32.dtype == np.float32 and u32.shape == (a, a, 5, 6)
+
+
+def test_which_convs_take_winograd(monkeypatch):
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    assert winograd.tile_size_for(56, 56) == 4
+    assert winograd.tile_size_for(13, 13) == 4      # 4 x 4 tiles
+    assert winograd.tile_size_for(12, 12) == 2      # 3 x 3 tiles of 4: too few; 6 x 6 of 2
+    assert winograd.tile_size_for(7, 7) is None     # 16 tiles of 2: memory-bound, direct conv
+    assert winograd.qualifies(64, 64, 56, 56)
+    assert not winograd.qualifies(3, 64, 224, 224)  # the RGB stem: too few input channels
+    assert not winograd.qualifies(64, 10, 56, 56)   # output channels make no vector block
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "2")
+    assert winograd.tile_size_for(56, 56) == 2
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "0")
+    assert not winograd.enabled()
+
+
+def _conv_model(c, k, h, w=None, *, pad=1, batch=1, residual=False, bias=True, stride=1, groups=1):
+    b = GraphBuilder(f"wino_{c}_{k}_{h}")
+    x = b.input("input", (batch, c, h, w or h))
+    y = b.conv(x, k, 3, stride=stride, padding=pad, groups=groups, bias=bias, name="conv")
+    if residual:
+        y = b.add(y, x)
+    b.output(b.relu(y), "out")
+    return b.build()
+
+
+def _compile_and_compare(model, tmp_path, target="x86"):
+    spec = resolve_target(target)
+    info = compile_model(model, spec, tmp_path / "m.so")
+    kinds = info["schedules"].get("default_schedule_kinds", {})
+    assert not info["schedules"].get("default_schedule_failures"), info["schedules"]
+    if not spec.host_runnable:
+        return kinds, None
+    x = random_inputs(model)
+    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], TOL)
+    return kinds, c
+
+
+CASES = {
+    # name: (builder kwargs, tile size forced or None, expect winograd)
+    "resnet_56": (dict(c=64, k=64, h=56), None, "F(4x4)"),
+    "odd_55_small_c": (dict(c=16, k=64, h=55), None, "F(4x4)"),          # SqueezeNet's expand3x3
+    "odd_13": (dict(c=48, k=192, h=13), None, "F(4x4)"),
+    "residual_tail": (dict(c=32, k=32, h=28, residual=True), None, "F(4x4)"),
+    "no_bias_batch2": (dict(c=16, k=32, h=20, batch=2, bias=False), None, "F(4x4)"),
+    "rect_odd_channels": (dict(c=12, k=24, h=18, w=11), "2", "F(2x2)"),   # 4-lane channel blocks
+    "pad_0": (dict(c=16, k=16, h=22, pad=0), None, "F(4x4)"),
+    "pad_2": (dict(c=16, k=16, h=14, pad=2), None, "F(4x4)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_winograd_kernels_match_onnxruntime(name, tmp_path, monkeypatch):
+    kwargs, force, tile = CASES[name]
+    if force:
+        monkeypatch.setenv("GRAPHGEN_WINOGRAD", force)
+    else:
+        monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    kinds, c = _compile_and_compare(_conv_model(**kwargs), tmp_path)
+    assert kinds == {f"winograd conv2d {tile}": 1}, kinds
+    assert c.ok, c.summary()
+
+
+@pytest.mark.parametrize("kwargs", [dict(c=16, k=16, h=28, stride=2), dict(c=16, k=16, h=28, groups=4),
+                                    dict(c=64, k=64, h=7)])
+def test_other_convs_keep_the_direct_schedule(kwargs, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    kinds, c = _compile_and_compare(_conv_model(**kwargs), tmp_path)
+    assert not any(k.startswith("winograd") for k in kinds), kinds
+    assert c.ok, c.summary()
+
+
+def test_winograd_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "0")
+    kinds, c = _compile_and_compare(_conv_model(c=64, k=64, h=56), tmp_path)
+    assert kinds == {"conv2d": 1}, kinds
+    assert c.ok, c.summary()
+
+
+def test_weights_passed_at_run_time_keep_the_direct_conv(tmp_path, monkeypatch):
+    """params_as_inputs (the zoo test's path for very large nets): no constant weights to transform."""
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    model = _conv_model(c=32, k=32, h=28)
+    spec = resolve_target("x86")
+    info = compile_model(model, spec, tmp_path / "m.so", params_as_inputs=True)
+    assert not any(k.startswith("winograd") for k in info["schedules"].get("default_schedule_kinds", {}))
+    x = random_inputs(model)
+    got = run_library(tmp_path / "m.so", spec, model, x, info.get("detached_params"))
+    assert compare(got, run_onnxruntime(model, x), ["out"], TOL).ok
+
+
+def test_a_wrong_transform_is_caught(tmp_path, monkeypatch):
+    """The comparison can fail: a Winograd kernel built from slightly wrong weight transforms."""
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    real = winograd.weight_transform
+    monkeypatch.setattr(winograd, "weight_transform", lambda w, m: real(w, m) * np.float32(1.001))
+    kinds, c = _compile_and_compare(_conv_model(c=16, k=16, h=16), tmp_path)
+    assert kinds == {"winograd conv2d F(4x4)": 1}
+    assert not c.ok
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7", "avx512"])
+def test_winograd_kernels_compile_for_neon_and_avx512(target, tmp_path, monkeypatch):
+    from graphgen.compile.elf import check_elf
+
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    spec = resolve_target(target)
+    kinds, _ = _compile_and_compare(_conv_model(c=16, k=32, h=27, residual=False), tmp_path, target)
+    assert kinds == {"winograd conv2d F(4x4)": 1}, kinds
+    if not spec.host_runnable:
+        ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
+        assert ok, problem
+
+
+def test_cli_winograd_switch_is_recorded_and_bad_modes_are_one_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    import onnx
+
+    from graphgen.cli import main
+
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    path = tmp_path / "conv.onnx"
+    onnx.save(_conv_model(c=16, k=16, h=16), str(path))
+    for mode, kind in (("off", None), ("auto", "winograd conv2d F(4x4)")):
+        out = tmp_path / mode
+        assert main(["build", str(path), "--winograd", mode, "-o", str(out)]) == 0
+        schedules = json.loads((out / "manifest.json").read_text())["build"]["schedules"]
+        assert schedules["winograd"] == mode
+        kinds = schedules.get("default_schedule_kinds", {})
+        assert (kind in kinds) if kind else not any(k.startswith("winograd") for k in kinds), kinds
+    import os
+
+    assert "GRAPHGEN_WINOGRAD" not in os.environ  # the switch does not outlive the command
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "8")
+    capsys.readouterr()
+    assert main(["build", str(path), "-o", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown Winograd mode '8'" in err[0] and "auto, off, 2, 4" in err[0], err
+    assert not (tmp_path / "bad").exists()
