@@ -527,6 +527,60 @@ def schedule_dense(sch, main, isa, outputs):
     return "dense"
 
 
+# -- 1x1 conv as a GEMM over the flattened image (graphgen.tune.pointwise) --------------------
+
+def schedule_pointwise(sch, gemm, isa, outputs):
+    """Default schedule of a pointwise (1x1) conv kernel, see :mod:`graphgen.tune.pointwise`:
+    the GEMM in ``kb`` output channels x ``nv`` vectors of positions register tiles (weights
+    broadcast, input rows loaded as vectors, parallel over tiles), then the cropped output with
+    the fused tail, parallel and vectorized along the rows."""
+    if len(outputs) != 1:
+        raise NotMatched("more than one output")
+    out = outputs[0]
+    pads = [b for b in _blocks(sch) if sch.get(b).name_hint.startswith("pointwise_data_pad")]
+    keep = (gemm, out, *pads)
+    for b in _blocks(sch):
+        if any(_same(sch, b, x) for x in keep):
+            continue
+        if "R" in _iter_kinds(sch, b):
+            raise NotMatched("a second reduction in the kernel")
+        sch.compute_inline(b)  # the crop and the tail's steps, into the output
+    for p in pads:
+        _parallel_vectorize(sch, p, isa)
+    _, k_out, p_pad = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
+    lanes = isa.lanes
+    limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
+    options = []
+    for nv in (1, 2, 3, 4):
+        if p_pad % (nv * lanes):
+            continue
+        for kb in _divisors(k_out):
+            if kb * nv <= limit:
+                options.append((kb * nv, nv == 2, nv, kb))
+    if not options:
+        raise NotMatched("positions make no whole vector")
+    _, _, nv, kb = max(options)
+    ln, lk, lp, lr = sch.get_loops(gemm)
+    k_o, k_i = sch.split(lk, factors=[None, kb])
+    p_o, p_i = sch.split(lp, factors=[None, nv * lanes])
+    # positions outside channels: a panel of input rows (C x nv vectors) stays in L1 while
+    # every weight block passes over it
+    sch.reorder(ln, p_o, k_o, lr, k_i, p_i)
+    acc = sch.cache_write(gemm, 0, "global")  # global scope: on the stack (see schedule_winograd)
+    sch.reverse_compute_at(acc, k_o, preserve_unit_loops=True)
+    al = sch.get_loops(acc)[3:]
+    sch.vectorize(al[-1])
+    for lp_ in al[:-1]:
+        sch.unroll(lp_)
+    sch.parallel(sch.fuse(ln, p_o, k_o))
+    sch.vectorize(p_i)
+    sch.unroll(k_i)
+    init = sch.decompose_reduction(gemm, lr)
+    _vectorize_unroll_tail(sch, sch.get_loops(init)[1:])
+    _parallel_vectorize(sch, out, isa)
+    return "pointwise conv2d"
+
+
 # -- Winograd conv2d (graphgen.tune.winograd) -------------------------------------------------
 
 def _named(sch, prefix: str):
@@ -720,6 +774,7 @@ _MAIN = {
     "NT_matmul": schedule_dense,
     "T_dense": schedule_dense,
     "winograd_bgemm": schedule_winograd,
+    "pointwise_gemm": schedule_pointwise,
 }
 
 
@@ -759,7 +814,7 @@ def default_schedule(func, isa: Isa, mod=None):
     if kind is None:
         sch = Schedule(base)
         kind = schedule_generic(sch, isa, _output_blocks(sch))
-    if kind.startswith(("conv2d", "grouped conv2d", "depthwise", "dense")):
+    if kind.startswith(("conv2d", "grouped conv2d", "depthwise", "dense", "pointwise")):
         _rewrite_weight_layout(sch)  # the classes whose loops read weights in a repacked order
     return sch, kind
 

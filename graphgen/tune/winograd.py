@@ -256,7 +256,13 @@ def legalize_conv2d(bb, call, mode: str | None = None):
     import tvm
     from tvm import relax
 
-    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+    from graphgen.tune import pointwise
+
+    tvm_conv = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def default(bb_, call_):  # 1x1 convs: graphgen's pointwise GEMM kernel; the rest: TVM's
+        return pointwise.legalize(bb_, call_, tvm_conv)
+
     facts = _conv_facts(call) if enabled(mode) else None
     if facts is None:
         return default(bb, call)

@@ -1,0 +1,91 @@
+"""1x1 convs as a GEMM over the flattened image (graphgen.tune.pointwise), against onnxruntime
+(fp32, relative L2 < 1e-5)."""
+
+import numpy as np
+import pytest
+
+from graphgen.builder import GraphBuilder
+from graphgen.compile import compile_model, resolve_target, run_library
+from graphgen.tune import pointwise
+from graphgen.verify import compare, random_inputs, run_onnxruntime
+
+TOL = 1e-5
+
+
+def _model(c, k, h, w=None, *, batch=1, residual=False, bias=True, stride=1, padding=0, act=True):
+    b = GraphBuilder(f"pw_{c}_{k}_{h}")
+    x = b.input("input", (batch, c, h, w or h))
+    y = b.conv(x, k, 1, stride=stride, padding=padding, bias=bias, name="pw")
+    if residual:
+        y = b.add(y, x)
+    b.output(b.relu(y) if act else y, "out")
+    return b.build()
+
+
+def _check(model, tmp_path, target="x86"):
+    spec = resolve_target(target)
+    info = compile_model(model, spec, tmp_path / "m.so")
+    s = info["schedules"]
+    assert not s.get("default_schedule_failures"), s
+    if not spec.host_runnable:
+        return s.get("default_schedule_kinds", {}), None
+    x = random_inputs(model)
+    return s.get("default_schedule_kinds", {}), compare(run_library(tmp_path / "m.so", spec, model, x),
+                                                         run_onnxruntime(model, x), ["out"], TOL)
+
+
+CASES = {
+    "mobilenet_expand_14": dict(c=96, k=576, h=14),            # 196 positions: padded to 208
+    "squeezenet_classifier_13": dict(c=64, k=100, h=13),       # 169 positions, odd channel count
+    "whole_vectors_56": dict(c=24, k=144, h=56),               # 3136 positions: no padding stage
+    "project_residual_7": dict(c=32, k=32, h=7, residual=True, act=False),
+    "shufflenet_58": dict(c=58, k=58, h=28),
+    "batch2_rect_nobias": dict(c=16, k=24, h=10, w=6, batch=2, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pointwise_kernels_match_onnxruntime(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    kinds, c = _check(_model(**CASES[name]), tmp_path)
+    assert kinds == {"pointwise conv2d": 1}, kinds
+    assert c.ok, c.summary()
+
+
+@pytest.mark.parametrize("kwargs", [dict(c=16, k=16, h=14, stride=2), dict(c=16, k=16, h=14, padding=1),
+                                    dict(c=64, k=64, h=3)])
+def test_other_1x1_convs_keep_the_direct_schedule(kwargs, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    kinds, c = _check(_model(**kwargs), tmp_path)
+    assert "pointwise conv2d" not in kinds, kinds
+    assert c.ok, c.summary()
+
+
+def test_pointwise_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHGEN_POINTWISE", "0")
+    kinds, c = _check(_model(c=32, k=64, h=14), tmp_path)
+    assert kinds == {"conv2d": 1}, kinds
+    assert c.ok
+
+
+def test_wrong_weights_are_caught(tmp_path, monkeypatch):
+    """The comparison can fail: the kernel built from slightly different weights."""
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    real = pointwise._facts
+    monkeypatch.setattr(pointwise, "_facts", lambda call: None if real(call) is None else real(call) * np.float32(1.001))
+    kinds, c = _check(_model(c=32, k=32, h=14), tmp_path)
+    assert kinds == {"pointwise conv2d": 1}
+    assert not c.ok
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7", "avx512"])
+def test_pointwise_kernels_compile_for_neon_and_avx512(target, tmp_path, monkeypatch):
+    from graphgen.compile.elf import check_elf
+
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    spec = resolve_target(target)
+    kinds, _ = _check(_model(c=32, k=48, h=13), tmp_path, target)
+    assert kinds == {"pointwise conv2d": 1}, kinds
+    if not spec.host_runnable:
+        ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
+        assert ok, problem
