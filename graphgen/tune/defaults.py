@@ -550,16 +550,41 @@ def schedule_pointwise(sch, gemm, isa, outputs):
     _, k_out, p_pad = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
     lanes = isa.lanes
     limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
-    options = []
-    for nv in (1, 2, 3, 4):
-        if p_pad % (nv * lanes):
-            continue
-        for kb in _divisors(k_out):
-            if kb * nv <= limit:
-                options.append((kb * nv, nv == 2, nv, kb))
-    if not options:
+    on, ok_, oy, ox = sch.get_loops(out)
+    width = _int(sch.get(ox).extent)
+
+    def tile(extent, vectors=(1, 2, 3, 4)):
+        options = [(kb * nv, nv == 2, nv, kb) for nv in vectors if extent % (nv * lanes) == 0
+                   for kb in _divisors(k_out) if kb * nv <= limit]
+        return max(options)[2:] if options else None
+
+    # measured (AVX2, one thread): 16 -> 96 at 112x112 0.55 ms fused vs 1.07 in two passes; at
+    # 56x56 rows take one vector per tile only, and fused ran 0.61 ms vs 0.33 in two passes
+    fused = tile(width, vectors=(2, 3, 4)) if not pads else None
+    if fused is not None:
+        # output rows that are whole tiles: the GEMM tile is computed where the output (and its
+        # fused tail) consumes it, in registers; no second pass over the result. (Tiles that
+        # cross rows would make TVM's region analysis over-approximate the GEMM's footprint.)
+        nv, kb = fused
+        op_ = sch.fuse(oy, ox)
+        k_o, k_i = sch.split(ok_, factors=[None, kb])
+        p_o, p_i = sch.split(op_, factors=[None, nv * lanes])
+        sch.reorder(on, p_o, k_o, k_i, p_i)
+        sch.compute_at(gemm, k_o, preserve_unit_loops=True)
+        gk, gp, gr = sch.get_loops(gemm)[-3:]
+        sch.reorder(gr, gk, gp)
+        sch.parallel(sch.fuse(on, p_o, k_o))
+        sch.vectorize(p_i)
+        sch.unroll(k_i)
+        sch.vectorize(gp)
+        sch.unroll(gk)
+        init = sch.decompose_reduction(gemm, gr)
+        _vectorize_unroll_tail(sch, sch.get_loops(init)[3:])
+        return "pointwise conv2d"
+    best = tile(p_pad)
+    if best is None:
         raise NotMatched("positions make no whole vector")
-    _, _, nv, kb = max(options)
+    nv, kb = best
     ln, lk, lp, lr = sch.get_loops(gemm)
     k_o, k_i = sch.split(lk, factors=[None, kb])
     p_o, p_i = sch.split(lp, factors=[None, nv * lanes])
