@@ -75,8 +75,9 @@ def markdown(results: list[dict], seconds: float) -> str:
         lines += ["GFLOP/s = 2 x MACs / latency. \"of sgemm\": share of onnxruntime's own fp32 1024^3 MatMul "
                   "speed at the same thread count, measured in the same run ("
                   + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {max(v):.0f} GFLOP/s"
-                              for t, v in sorted(ceilings.items())) + "), a practical ceiling for any "
-                  "direct convolution on this host.", ""]
+                              for t, v in sorted(ceilings.items())) + "), a practical ceiling for a "
+                  "direct convolution on this host (graphgen's Winograd kernels do fewer multiply-adds, so its "
+                  "GFLOP/s, counted on the direct convolution's multiply-adds, can exceed it).", ""]
     lines += ["Reproduce: `python benchmarks/zoo.py --threads 1,2` (add `--tuned` after `graphgen tune MODEL`)."]
     return "\n".join(lines)
 

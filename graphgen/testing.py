@@ -52,3 +52,38 @@ def run_recipe_on_ort(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]
     for o in outs:
         assert np.all(np.isfinite(o)), "non-finite output"
     return outs
+
+
+def single_conv_model(c: int, k: int, h: int, w: int | None = None, *, kernel: int = 3, padding=1, batch: int = 1,
+                      residual: bool = False, bias: bool = True, stride: int = 1, groups: int = 1,
+                      relu: bool = True) -> onnx.ModelProto:
+    """One conv (``c`` -> ``k`` channels, ``kernel`` square) with its usual tail: optional
+    residual add of the input, then ReLU. For kernel-class tests."""
+    from graphgen.builder import GraphBuilder
+
+    b = GraphBuilder(f"conv{kernel}_{c}_{k}_{h}")
+    x = b.input("input", (batch, c, h, w or h))
+    y = b.conv(x, k, kernel, stride=stride, padding=padding, groups=groups, bias=bias, name="conv")
+    if residual:
+        y = b.add(y, x)
+    b.output(b.relu(y) if relu else y, "out")
+    return b.build()
+
+
+def compile_and_compare(model: onnx.ModelProto, out_dir: Path, target: str = "x86",
+                        tolerance: float = DEFAULT_TOLERANCE):
+    """Compile ``model`` for ``target`` into ``out_dir/m.so`` (no optimizer) and, where it runs
+    here, compare it with onnxruntime. Returns (default-schedule kinds, comparison or None)
+    and asserts no default schedule failed."""
+    from graphgen.compile import compile_model, resolve_target, run_library
+
+    spec = resolve_target(target)
+    info = compile_model(model, spec, Path(out_dir) / "m.so")
+    s = info["schedules"]
+    assert not s.get("default_schedule_failures"), s
+    kinds = s.get("default_schedule_kinds", {})
+    if not spec.host_runnable:
+        return kinds, None
+    x = random_inputs(model)
+    got = run_library(Path(out_dir) / "m.so", spec, model, x)
+    return kinds, compare(got, run_onnxruntime(model, x), [o.name for o in model.graph.output], tolerance)

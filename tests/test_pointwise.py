@@ -4,34 +4,19 @@
 import numpy as np
 import pytest
 
-from graphgen.builder import GraphBuilder
-from graphgen.compile import compile_model, resolve_target, run_library
+from graphgen.compile import resolve_target
+from graphgen.testing import compile_and_compare, single_conv_model
 from graphgen.tune import pointwise
-from graphgen.verify import compare, random_inputs, run_onnxruntime
 
 TOL = 1e-5
 
 
-def _model(c, k, h, w=None, *, batch=1, residual=False, bias=True, stride=1, padding=0, act=True):
-    b = GraphBuilder(f"pw_{c}_{k}_{h}")
-    x = b.input("input", (batch, c, h, w or h))
-    y = b.conv(x, k, 1, stride=stride, padding=padding, bias=bias, name="pw")
-    if residual:
-        y = b.add(y, x)
-    b.output(b.relu(y) if act else y, "out")
-    return b.build()
+def _model(c, k, h, w=None, *, act=True, **kw):
+    return single_conv_model(c, k, h, w, kernel=1, padding=kw.pop("padding", 0), relu=act, **kw)
 
 
 def _check(model, tmp_path, target="x86"):
-    spec = resolve_target(target)
-    info = compile_model(model, spec, tmp_path / "m.so")
-    s = info["schedules"]
-    assert not s.get("default_schedule_failures"), s
-    if not spec.host_runnable:
-        return s.get("default_schedule_kinds", {}), None
-    x = random_inputs(model)
-    return s.get("default_schedule_kinds", {}), compare(run_library(tmp_path / "m.so", spec, model, x),
-                                                         run_onnxruntime(model, x), ["out"], TOL)
+    return compile_and_compare(model, tmp_path, target, TOL)
 
 
 CASES = {

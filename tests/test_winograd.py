@@ -4,8 +4,8 @@ take it, and the compiled kernels against onnxruntime (fp32, relative L2 < 1e-5)
 import numpy as np
 import pytest
 
-from graphgen.builder import GraphBuilder
 from graphgen.compile import compile_model, resolve_target, run_library
+from graphgen.testing import compile_and_compare, single_conv_model
 from graphgen.tune import winograd
 from graphgen.verify import compare, random_inputs, run_onnxruntime
 
@@ -61,26 +61,12 @@ def test_which_convs_take_winograd(monkeypatch):
     assert not winograd.enabled()
 
 
-def _conv_model(c, k, h, w=None, *, pad=1, batch=1, residual=False, bias=True, stride=1, groups=1):
-    b = GraphBuilder(f"wino_{c}_{k}_{h}")
-    x = b.input("input", (batch, c, h, w or h))
-    y = b.conv(x, k, 3, stride=stride, padding=pad, groups=groups, bias=bias, name="conv")
-    if residual:
-        y = b.add(y, x)
-    b.output(b.relu(y), "out")
-    return b.build()
+def _conv_model(c, k, h, w=None, *, pad=1, **kw):
+    return single_conv_model(c, k, h, w, kernel=3, padding=pad, **kw)
 
 
 def _compile_and_compare(model, tmp_path, target="x86"):
-    spec = resolve_target(target)
-    info = compile_model(model, spec, tmp_path / "m.so")
-    kinds = info["schedules"].get("default_schedule_kinds", {})
-    assert not info["schedules"].get("default_schedule_failures"), info["schedules"]
-    if not spec.host_runnable:
-        return kinds, None
-    x = random_inputs(model)
-    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], TOL)
-    return kinds, c
+    return compile_and_compare(model, tmp_path, target, TOL)
 
 
 CASES = {

@@ -360,6 +360,13 @@ def _finish_tiled(sch, main, tail, outer, red, inner, isa, outputs, vector_loop,
     _vectorize_unroll_tail(sch, il[len(outer) - 1:])
 
 
+def _vector_tile(sch, loops) -> None:
+    """A register tile's loops: the innermost vectorized, the others unrolled."""
+    sch.vectorize(loops[-1])
+    for lp in loops[:-1]:
+        sch.unroll(lp)
+
+
 def _vectorize_unroll_tail(sch, loops) -> None:
     """Serial loops of the init block (copied from the tile loops): innermost vectorized, others unrolled."""
     loops = [lp for lp in loops if int(sch.get(lp).kind) == 0]  # 0: serial
@@ -594,9 +601,7 @@ def schedule_pointwise(sch, gemm, isa, outputs):
     acc = sch.cache_write(gemm, 0, "global")  # global scope: on the stack (see schedule_winograd)
     sch.reverse_compute_at(acc, k_o, preserve_unit_loops=True)
     al = sch.get_loops(acc)[3:]
-    sch.vectorize(al[-1])
-    for lp_ in al[:-1]:
-        sch.unroll(lp_)
+    _vector_tile(sch, al)
     sch.parallel(sch.fuse(ln, p_o, k_o))
     sch.vectorize(p_i)
     sch.unroll(k_i)
@@ -694,9 +699,7 @@ def schedule_winograd(sch, gemm, isa, outputs):
     sch.reorder(lp, lc_o, le, ln, lc_i)
     sch.compute_at(rows, le, preserve_unit_loops=True)
     rl = sch.get_loops(rows)[3:]
-    sch.vectorize(rl[-1])
-    for lp_ in rl[:-1]:
-        sch.unroll(lp_)
+    _vector_tile(sch, rl)
     sch.parallel(sch.fuse(lp, lc_o))
     sch.unroll(le)
     sch.unroll(ln)
@@ -716,9 +719,7 @@ def schedule_winograd(sch, gemm, isa, outputs):
     acc = sch.cache_write(gemm, 0, "global")
     sch.reverse_compute_at(acc, gp_o, preserve_unit_loops=True)
     al = sch.get_loops(acc)[4:]
-    sch.vectorize(al[-1])
-    for lp_ in al[:-1]:
-        sch.unroll(lp_)
+    _vector_tile(sch, al)
     sch.parallel(sch.fuse(ge, gn, gk_o, gp_o))
     sch.vectorize(gk_i)
     sch.unroll(gp_i)
@@ -738,9 +739,7 @@ def schedule_winograd(sch, gemm, isa, outputs):
     sch.reorder(on, ok_o, oy_o, ox_o, oy_i, ox_i, ok_i)
     sch.compute_at(inv_rows, oy_i, preserve_unit_loops=True)
     il_ = sch.get_loops(inv_rows)[5:]
-    sch.vectorize(il_[-1])
-    for lp_ in il_[:-1]:
-        sch.unroll(lp_)
+    _vector_tile(sch, il_)
     sch.parallel(sch.fuse(on, ok_o, oy_o))
     sch.unroll(oy_i)
     sch.unroll(ox_i)

@@ -66,34 +66,15 @@ def pointwise_conv2d_te(data, weight):
 
 
 def _facts(call):
-    import tvm
-    from tvm import relax
+    """The [K, C] weights of a conv this kernel takes, else None."""
+    from graphgen.tune.conv_call import static_conv
 
-    attrs = call.attrs
-    data, weight = call.args
-    if not isinstance(weight, tvm.ir.expr.Constant):
+    conv = static_conv(call, (1, 1))
+    if conv is None or any(conv.pads):
         return None
-    if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
-        return None
-    if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1] or \
-            int(attrs.groups) != 1 or any(int(p) != 0 for p in attrs.padding):
-        return None
-    sinfo = data.ty
-    if not isinstance(sinfo, relax.type.TensorType) or str(sinfo.dtype) != "float32" or sinfo.shape is None:
-        return None
-    out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
-    if out_dtype not in ("", "float32", "void", "None"):
-        return None
-    try:
-        shape = [int(x) for x in sinfo.shape]
-    except TypeError:
-        return None
-    wt = weight.value.numpy()
-    if wt.dtype != np.float32 or wt.ndim != 4 or wt.shape[2:] != (1, 1):
-        return None
-    if shape[2] * shape[3] < P_QUANTUM:
+    if conv.data_shape[2] * conv.data_shape[3] < P_QUANTUM:
         return None  # a 1x1 or 2x2 image: nothing to vectorize along; the direct conv (or dense) is better
-    return wt.reshape(wt.shape[0], wt.shape[1])
+    return conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1])
 
 
 def legalize(bb, call, fallback):

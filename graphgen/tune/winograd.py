@@ -212,38 +212,14 @@ def winograd_conv2d_te(data, u, pads, m: int):
 
 
 def _conv_facts(call):
-    """(data shape, weight array, pads) of a relax.nn.conv2d call Winograd can take, else None."""
-    import tvm
-    from tvm import relax
+    """(data shape, weight array, pads, out_h, out_w) of a relax.nn.conv2d call Winograd can
+    take, else None."""
+    from graphgen.tune.conv_call import static_conv
 
-    attrs = call.attrs
-    data, weight = call.args
-    if not isinstance(weight, tvm.ir.expr.Constant):
-        return None  # weights passed at run time (params_as_inputs): keep the direct conv
-    if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
-            str(attrs.out_layout) != "NCHW":
+    conv = static_conv(call, (3, 3))
+    if conv is None or any(p > 2 for p in conv.pads):
         return None
-    if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1] or \
-            int(attrs.groups) != 1:
-        return None
-    sinfo = data.ty  # TVM 0.27's Relax types (struct_info before)
-    if not isinstance(sinfo, relax.type.TensorType) or str(sinfo.dtype) != "float32" or sinfo.shape is None:
-        return None
-    try:
-        shape = [int(x) for x in sinfo.shape]
-    except TypeError:
-        return None
-    out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
-    if out_dtype not in ("", "float32", "void", "None"):
-        return None
-    w = weight.value.numpy()
-    if w.dtype != np.float32 or w.ndim != 4 or w.shape[2:] != (3, 3):
-        return None
-    pads = [int(p) for p in attrs.padding]
-    if len(pads) == 2:
-        pads = pads * 2
-    if len(pads) != 4 or any(p < 0 or p > 2 for p in pads):
-        return None
+    shape, w, pads = conv.data_shape, conv.weight, list(conv.pads)
     out_h = shape[2] + pads[0] + pads[2] - 2
     out_w = shape[3] + pads[1] + pads[3] - 2
     if not qualifies(shape[1], w.shape[0], out_h, out_w):

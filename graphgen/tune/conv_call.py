@@ -1,0 +1,50 @@
+"""What graphgen's own conv kernels (Winograd, pointwise) need to know of a ``relax.nn.conv2d``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StaticConv:
+    data_shape: tuple[int, int, int, int]  # NCHW
+    weight: np.ndarray  # OIHW float32
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+
+
+def static_conv(call, kernel: tuple[int, int]) -> StaticConv | None:
+    """The facts of a stride-1, dilation-1, one-group NCHW fp32 conv with a ``kernel``-sized
+    constant weight and static shapes; None for any other conv (weights passed at run time,
+    with ``params_as_inputs``, among them: those keep TVM's conv)."""
+    import tvm
+    from tvm import relax
+
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return None
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1] or \
+            int(attrs.groups) != 1:
+        return None
+    if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
+        return None
+    ty = data.ty  # TVM 0.27's Relax types (struct_info before)
+    if not isinstance(ty, relax.type.TensorType) or str(ty.dtype) != "float32" or ty.shape is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in ty.shape)
+    except TypeError:  # symbolic dimensions
+        return None
+    w = weight.value.numpy()
+    if w.dtype != np.float32 or w.ndim != 4 or tuple(w.shape[2:]) != tuple(kernel) or len(shape) != 4:
+        return None
+    pads = [int(p) for p in attrs.padding]
+    if len(pads) == 2:
+        pads = pads * 2
+    if len(pads) != 4:
+        return None
+    return StaticConv(shape, w, tuple(pads))
