@@ -171,3 +171,37 @@ def test_cli_winograd_switch_is_recorded_and_bad_modes_are_one_line(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown Winograd mode '8'" in err[0] and "auto, off, 2, 4" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_tuning_keeps_winograd_kernels_at_their_default_and_searches_the_rest(tmp_path, monkeypatch):
+    """MetaSchedule's generic rules cannot generate a design space for a Winograd kernel; the
+    tuner measures its default schedule, excludes it from the search and tunes the others; a
+    build with the database then uses a record for every kernel and matches onnxruntime."""
+    from graphgen import api
+    from graphgen.builder import GraphBuilder
+    from graphgen.tune import tune_onnx
+
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    b = GraphBuilder("wino_and_pw")
+    x = b.input("input", (1, 16, 16, 16))
+    x = b.relu(b.conv(x, 16, 3, padding=1, name="c3"))   # Winograd F(4x4)
+    x = b.relu(b.conv(x, 32, 1, name="c1"))              # pointwise
+    b.output(x, "out")
+    model = b.build()
+    spec = resolve_target("x86")
+    res = tune_onnx(model, spec, trials=8, batch=2, db=tmp_path / "db")
+    assert res.tasks == 2 and res.covered == 2 and not res.interrupted
+    per = {p["name"]: p for p in res.per_task}
+    wino = [n for n in per if n.startswith("fused_winograd")]
+    assert len(wino) == 1 and per[wino[0]]["trials"] == 1  # the default, measured once, no search
+    other = [n for n in per if n not in wino]
+    assert per[other[0]]["trials"] >= 8 - 1 - 1  # the rest of the budget (within a batch)
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    built = api.build(str(path), "x86", out=tmp_path / "built", db=tmp_path / "db")
+    t = built.manifest["tuning"]
+    assert built.manifest["verification"]["status"] == "passed"
+    assert t["records_used"] == t["kernels"] == 2

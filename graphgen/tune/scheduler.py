@@ -36,6 +36,9 @@ class TaskState:
     best: float = math.inf
     history: list[float] = field(default_factory=list)  # best after each batch of this run
     done: bool = False  # search space exhausted / terminated
+    # False: MetaSchedule's generic rules cannot schedule this kernel (graphgen's Winograd
+    # kernels); it keeps its measured default schedule and gets no search trials
+    searchable: bool = True
 
     @property
     def total_trials(self) -> int:
@@ -94,7 +97,7 @@ class Plan:
         return None if self.deadline is None else max(0.0, self.deadline - self.clock())
 
     def finished(self) -> bool:
-        if self.interrupted or all(t.done for t in self.tasks):
+        if self.interrupted or all(t.done or not t.searchable for t in self.tasks):
             return True
         if self.deadline is not None and self.clock() >= self.deadline:
             return True
@@ -121,7 +124,7 @@ class Plan:
         """-1 when the budget or time is spent, else the task to give the next batch."""
         if self.finished():
             return -1
-        alive = [i for i, t in enumerate(self.tasks) if not t.done]
+        alive = [i for i, t in enumerate(self.tasks) if not t.done and t.searchable]
         spf = self.seconds_per_flop()
         uncovered = [i for i in alive if self.tasks[i].total_trials == 0]
         if uncovered:

@@ -244,15 +244,51 @@ def _measure_default_schedules(extracted, plan: Plan, opened, builder, runner, b
         hook(plan)
 
 
-def _contexts(extracted, warm: bool, n_threads, seed: int) -> list:
+def _default_space(isa):
+    """A design space of one point, graphgen's default schedule: for kernels MetaSchedule's
+    generic rules cannot schedule (they are never searched; MetaSchedule still initializes them)."""
     from tvm.s_tir import meta_schedule as ms
+
+    from graphgen.tune.defaults import default_schedule
+
+    def space(sch):
+        try:
+            return default_schedule(sch.mod["main"], isa, mod=sch.mod)[0]
+        except Exception:  # noqa: BLE001 - never searched anyway
+            return sch
+
+    return ms.space_generator.ScheduleFn(space)
+
+
+def _unsearchable(extracted, n_threads) -> list[int]:
+    """Tasks whose design space MetaSchedule's generic CPU rules fail to generate (measured:
+    graphgen's Winograd kernels, "TensorRegion pattern match failed" in space generation)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    bad = []
+    for i, t in enumerate(extracted):
+        ctx = ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+                             search_strategy=ms.search_strategy.ReplayTrace(), task_name=t.task_name,
+                             logger=_quiet_logger(f"check{i}"), num_threads=n_threads).clone()
+        try:
+            ctx.space_generator.generate_design_space(ctx.mod)
+        except Exception:  # noqa: BLE001 - any failure: this task is not searched
+            bad.append(i)
+    return bad
+
+
+def _contexts(extracted, warm: bool, n_threads, seed: int, unsearchable=()) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphgen.tune.defaults import isa_of
 
     contexts = []
     for i, t in enumerate(extracted):
         strategy = (ms.search_strategy.EvolutionarySearch(population_size=EVOLUTION_POPULATION,
                                                           init_min_unmeasured=32, genetic_num_iters=2)
                     if warm else ms.search_strategy.ReplayTrace())
-        contexts.append(ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+        space = _default_space(isa_of(t.target)) if i in unsearchable else "post-order-apply"
+        contexts.append(ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator=space,
                                        search_strategy=strategy, task_name=t.task_name,
                                        logger=_quiet_logger(f"task{i}"), rand_state=seed * 1000 + i + 1,
                                        num_threads=n_threads).clone())
@@ -442,12 +478,20 @@ def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trial
         callbacks = [*ms.MeasureCallback.create("default"), _make_measure_callback(plan, bar, after_batch)]
         cost_model = _cost_model(opened, n_threads if isinstance(n_threads, int) else 1, report)
         _measure_default_schedules(extracted, plan, opened, builder, runner, bar, after_batch)
+        unsearchable = _unsearchable(extracted, n_threads)
+        for i in unsearchable:
+            states[i].searchable = False
+        if unsearchable:
+            bar.wrap(report)(f"{len(unsearchable)} of {len(states)} kernels keep graphgen's default schedule "
+                             f"(MetaSchedule's rules cannot schedule them): "
+                             f"{', '.join(states[i].name for i in unsearchable[:4])}"
+                             f"{' ...' if len(unsearchable) > 4 else ''}")
         while not plan.finished():
             # Phase 1 samples at random (ReplayTrace) until the cost model has enough data to be
             # trained: evolution guided by an untrained model (which predicts at random) costs
             # ~10 s of mutation and postprocessing per batch here and finds nothing better.
             warm = cost_model.data_size >= WARMUP_SAMPLES
-            contexts = _contexts(extracted, warm, n_threads, seed + plan.used)
+            contexts = _contexts(extracted, warm, n_threads, seed + plan.used, unsearchable)
             for t in plan.tasks:
                 t.done = False
             stop = None if warm else (lambda: cost_model.data_size >= WARMUP_SAMPLES)

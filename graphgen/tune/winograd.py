@@ -36,7 +36,7 @@ rewrite off, ``2`` or ``4`` forces one tile size; the build's manifest records t
 (``build.schedules.winograd``).
 
 Size: the library holds ``U``, ``alpha^2 / 9`` times the weights of each such conv (4x for
-F(4x4), 1.8x for F(2x2)); ResNet-18's library grows from 47 MB to about 120 MB. ``--winograd
+F(4x4), 1.8x for F(2x2)); ResNet-18's library grows from 47 MB to 75 MB. ``--winograd
 off`` is the choice where flash matters more than speed.
 """
 
