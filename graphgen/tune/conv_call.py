@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: TIR op pattern of a convolution: FuseOps fuses elementwise / broadcast consumers (bias,
+#: ReLU, residual add) into a kernel that carries it
+OUT_ELEMWISE_FUSABLE = 4
+
 
 @dataclass(frozen=True)
 class StaticConv:

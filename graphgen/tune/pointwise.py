@@ -29,11 +29,11 @@ import os
 
 import numpy as np
 
+from graphgen.tune.conv_call import OUT_ELEMWISE_FUSABLE
+
 #: the flattened image is padded to a multiple of this (two AVX2 vectors)
 P_QUANTUM = 16
 
-#: TIR op pattern of a convolution: elementwise / broadcast consumers fuse into it
-OUT_ELEMWISE_FUSABLE = 4
 
 
 def enabled() -> bool:

@@ -47,11 +47,11 @@ import os
 
 import numpy as np
 
+from graphgen.tune.conv_call import OUT_ELEMWISE_FUSABLE
+
 #: the tile count is padded to a multiple of this (the GEMM's register tile)
 TILE_QUANTUM = 4
 
-#: TIR op pattern of a convolution: elementwise / broadcast consumers fuse into it
-OUT_ELEMWISE_FUSABLE = 4
 
 #: interpolation points per tile size (alpha - 1 finite points, plus infinity): TVM's
 #: choice for F(4x4, 3x3), measured the most accurate of the few tried here
