@@ -70,7 +70,8 @@ def lld_fcompile(spec: TargetSpec):
 
 def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None,
                   params_as_inputs: bool = False, database=None, default_schedules: bool | None = None,
-                  schedule_like: TargetSpec | None = None, winograd: str | None = None) -> dict:
+                  schedule_like: TargetSpec | None = None, winograd: str | None = None,
+                  pointwise: bool | None = None) -> dict:
     """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
 
     Returns facts for the manifest (timings, how it was linked, CUDA device code).
@@ -85,6 +86,8 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     that target would (see :func:`graphgen.tune.pipeline.compile_cpu`). ``winograd``: which 3x3
     convs become Winograd kernels on CPU targets (``auto``, ``off``, ``2``, ``4``; default the
     environment's ``GRAPHGEN_WINOGRAD``, else ``auto``; see :mod:`graphgen.tune.winograd`).
+    ``pointwise``: whether 1x1 convs become pointwise GEMM kernels (default: yes unless the
+    environment sets ``GRAPHGEN_POINTWISE=0``; see :mod:`graphgen.tune.pointwise`).
     """
     import tvm
     from tvm import relax
@@ -113,13 +116,15 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
             # call (a test path; without repacking, channel-vectorized kernels gather every weight
             # vector from rows 100 KB apart: FCN-32s's 7x7 fc6 ran minutes instead of 0.07 s)
             executable = compile_cpu(mod, spec, database, default_schedules, info, log,
-                                     layout_rewrite=True, schedule_like=schedule_like, winograd=winograd)
+                                     layout_rewrite=True, schedule_like=schedule_like, winograd=winograd,
+                                     pointwise=pointwise)
         else:
             pipeline = relax.get_default_pipeline(target)
             executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
             if spec.arch != "cuda":
                 info["schedules"] = {"pipeline": "tvm-default", "database": None, "isa": None,
-                                     "default_schedules": False, "layout_rewrite": False, "winograd": "off"}
+                                     "default_schedules": False, "layout_rewrite": False, "winograd": "off",
+                                     "pointwise": False}
     except UserError:
         raise
     except Exception as e:

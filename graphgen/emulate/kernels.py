@@ -178,9 +178,10 @@ def _schedule_as(like, schedules: dict | None) -> dict:
     if schedules.get("pipeline") == "tvm-default":
         return {"default_schedules": False}
     db = schedules.get("database")
-    # manifests from before Winograd kernels had none
+    # manifests from before graphgen's Winograd and pointwise kernels have no entry for them
     return {"schedule_like": like, "default_schedules": schedules.get("default_schedules", True),
-            "database": db if db and Path(db).is_dir() else None, "winograd": schedules.get("winograd", "off")}
+            "database": db if db and Path(db).is_dir() else None, "winograd": schedules.get("winograd", "off"),
+            "pointwise": schedules.get("pointwise", "winograd" in schedules)}
 
 
 class _Memory:

@@ -16,12 +16,14 @@ class StaticConv:
     data_shape: tuple[int, int, int, int]  # NCHW
     weight: np.ndarray  # OIHW float32
     pads: tuple[int, int, int, int]  # top, left, bottom, right
+    strides: tuple[int, int] = (1, 1)
 
 
-def static_conv(call, kernel: tuple[int, int]) -> StaticConv | None:
-    """The facts of a stride-1, dilation-1, one-group NCHW fp32 conv with a ``kernel``-sized
-    constant weight and static shapes; None for any other conv (weights passed at run time,
-    with ``params_as_inputs``, among them: those keep TVM's conv)."""
+def static_conv(call, kernel: tuple[int, int] | None, *, strided: bool = False) -> StaticConv | None:
+    """The facts of a stride-1 (``strided``: any stride), dilation-1, one-group NCHW fp32 conv
+    with a ``kernel``-sized (None: any size) constant weight and static shapes; None for any
+    other conv (weights passed at run time, with ``params_as_inputs``, among them: those keep
+    TVM's conv)."""
     import tvm
     from tvm import relax
 
@@ -31,7 +33,8 @@ def static_conv(call, kernel: tuple[int, int]) -> StaticConv | None:
         return None
     if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
-    if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1] or \
+    strides = tuple(int(s) for s in attrs.strides)
+    if len(strides) != 2 or (strides != (1, 1) and not strided) or [int(d) for d in attrs.dilation] != [1, 1] or \
             int(attrs.groups) != 1:
         return None
     if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
@@ -44,11 +47,12 @@ def static_conv(call, kernel: tuple[int, int]) -> StaticConv | None:
     except TypeError:  # symbolic dimensions
         return None
     w = weight.value.numpy()
-    if w.dtype != np.float32 or w.ndim != 4 or tuple(w.shape[2:]) != tuple(kernel) or len(shape) != 4:
+    if w.dtype != np.float32 or w.ndim != 4 or len(shape) != 4 or \
+            (kernel is not None and tuple(w.shape[2:]) != tuple(kernel)):
         return None
     pads = [int(p) for p in attrs.padding]
     if len(pads) == 2:
         pads = pads * 2
     if len(pads) != 4:
         return None
-    return StaticConv(shape, w, tuple(pads))
+    return StaticConv(shape, w, tuple(pads), strides)

@@ -70,6 +70,46 @@ class NotMatched(Exception):
     """The kernel is not of the shape this schedule expects."""
 
 
+#: options a knob offers the tuner at most (the heuristic's best first)
+KNOB_OPTIONS = 6
+
+
+class Knobs:
+    """The decisions a default schedule makes (tile sizes, which loop nest), each from a list of
+    options ranked by the schedule's cost heuristic, best first.
+
+    ``choices`` maps a knob's name to the index of the option to take; a knob not in it takes
+    option 0, the heuristic's pick, so ``Knobs()`` is the default schedule. ``seen`` records
+    each knob the schedule met and how many options it had: the tuner measures the
+    alternatives (:func:`variants`) instead of trusting the heuristic, which is a model of the
+    machine, not a measurement of it.
+    """
+
+    def __init__(self, choices: dict[str, int] | None = None, *, others: int = 0):
+        self.choices = dict(choices or {})
+        self.others = others  # the option a knob not in ``choices`` takes (tests: every option)
+        self.seen: dict[str, int] = {}
+
+    def pick(self, name: str, options: list):
+        if not options:
+            raise NotMatched(f"no option for {name}")
+        options = options[:KNOB_OPTIONS]
+        self.seen[name] = len(options)
+        if name in self.choices:
+            i = self.choices[name]
+            return options[i] if 0 <= i < len(options) else options[0]
+        return options[min(self.others, len(options) - 1)]
+
+
+def _ranked(options: list, key) -> list:
+    """``options`` best first by ``key`` (ties: the order given), duplicates dropped."""
+    out = []
+    for o in sorted(options, key=key, reverse=True):
+        if o not in out:
+            out.append(o)
+    return out
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -252,19 +292,42 @@ def _channel_blocks(per_group_out: int, isa: Isa) -> list[tuple[int, int, float]
     return out
 
 
-def _conv_channel_vectorized(sch, conv, tail, isa, per_group_out: int, dims):
+#: FMA latency in cycles x FMA pipes: a micro-kernel needs this many independent accumulators
+#: to keep the pipes busy (Zen 3 / Skylake: 4 x 2; Cortex-A7x: 4 x 2)
+FMA_CHAINS = 8
+#: tiles of several output rows measured slower than one-row tiles of the same size in 6 of 7
+#: cases (AVX2: ResNet-18's strided 3x3 convs, SqueezeNet's 3x3/2 stem: up to 1.7x)
+MULTI_ROW_PENALTY = 0.8
+
+
+def _tile_throughput(k: int, positions: int, eff: float) -> float:
+    """Estimated share of peak FMA throughput of a register tile of ``k`` weight vectors x
+    ``positions`` broadcast inputs: per reduction step ``k * positions`` FMAs on two pipes,
+    ``k + positions`` vector loads on two load ports, and a latency floor when there are fewer
+    than FMA_CHAINS accumulators; times the share of lanes doing useful work."""
+    acc = k * positions
+    cycles = max(acc / 2, (k + positions) / 2, FMA_CHAINS / 2)
+    return acc / 2 / cycles * eff
+
+
+def _conv_channel_vectorized(sch, conv, tail, isa, per_group_out: int, dims, knobs: Knobs):
     n, c, h, w = dims
     options = []
     for vk, k, eff in _channel_blocks(per_group_out, isa):
         for hb in _divisors(h):
             for wb in _divisors(w):
                 acc = k * hb * wb
-                if acc <= isa.accumulators - (k - 1) and hb * wb <= 28:
-                    options.append((acc * eff, vk, wb, hb))
+                # registers: the accumulators, k weight vectors, a broadcast and one spare
+                # (measured: 8 lanes x 14 positions, 16 of 16 AVX2 registers, ran 1.2-1.9x
+                # slower than 32 lanes x 2 on ResNet's 7x7/2 stem and strided 3x3 convs)
+                if acc + k + 2 <= isa.registers and hb * wb <= 28:
+                    score = _tile_throughput(k, hb * wb, eff) * (MULTI_ROW_PENALTY if hb > 1 else 1.0)
+                    options.append((round(score, 3), acc, k == 2, vk, wb, hb))
     if not options:
         raise NotMatched("output channels per group do not split into vectors")
-    # most useful FMAs per weight load; then wider channel blocks; then columns over rows
-    _, vk, wb, hb = max(options, key=lambda o: (o[0], o[1], o[2]))
+    # best estimated throughput; then more accumulators; then two vectors of channels (ResNet's
+    # 64 -> 128 3x3/2: 16 x 4 positions 1.38 ms, 32 x 2 1.74, AVX2), wider blocks, more columns
+    vk, wb, hb = knobs.pick("conv.tile", _ranked(options, key=lambda o: o))[3:]
     loops = sch.get_loops(conv)
     ln, lc, lh, lw, lrc, lry, lrx = loops
     c_o, c_i = sch.split(lc, factors=[None, vk])
@@ -274,7 +337,7 @@ def _conv_channel_vectorized(sch, conv, tail, isa, per_group_out: int, dims):
     return (ln, c_o, h_o, w_o), (lrc, lry, lrx), (h_i, w_i, c_i), {"vk": vk, "hb": hb, "wb": wb}
 
 
-def _conv_width_vectorized(sch, conv, tail, isa, dims, strided: bool, channel_choices=(1,)):
+def _conv_width_vectorized(sch, conv, tail, isa, dims, strided: bool, knobs: Knobs, channel_choices=(1,)):
     """Vectorized along the output row: a tile of ``cb`` output channels x ``hb`` rows x
     ``wb`` columns per step of the reduction (``cb`` weights broadcast, ``hb`` row vectors of
     input loaded once and used for every channel of the block). Depthwise convs have
@@ -286,7 +349,8 @@ def _conv_width_vectorized(sch, conv, tail, isa, dims, strided: bool, channel_ch
     if not any(_vector_ok(d, lanes) for d in _divisors(w)):
         strided = True  # no row piece makes a whole vector: scalar code, as for strided windows
     if strided:
-        wb, hb, cb = _largest_divisor_at_most(w, 12), 1, 1
+        wb = knobs.pick("conv.row_piece", sorted((d for d in _divisors(w) if d <= 12), reverse=True))
+        hb, cb = 1, 1
     else:
         options = []
         for cb in channel_choices:
@@ -299,7 +363,7 @@ def _conv_width_vectorized(sch, conv, tail, isa, dims, strided: bool, channel_ch
                     acc = cb * vecs * hb
                     if acc <= isa.accumulators - 2:
                         options.append((acc * eff, cb, wb, hb))
-        _, cb, wb, hb = max(options, key=lambda o: (o[0], o[2], o[1]))
+        _, cb, wb, hb = knobs.pick("conv.row_tile", _ranked(options, key=lambda o: (o[0], o[2], o[1])))
     loops = sch.get_loops(conv)
     kinds = _iter_kinds(sch, conv)
     spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
@@ -383,7 +447,7 @@ def _vectorize_unroll_tail(sch, loops) -> None:
             pass
 
 
-def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs) -> bool:
+def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs, knobs: Knobs) -> bool:
     """Depthwise conv vectorized over channels: the padding copy the kernel makes anyway writes
     the input channel-blocked (``[c/vk, h, w, vk]``), so every window tap is one contiguous
     vector load for any width and stride (NCHW rows of 7 or 14, or stride 2, give no whole
@@ -395,7 +459,7 @@ def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs) -> bool:
     pads = [p for p in sch.get_producers(main) if "R" not in _iter_kinds(sch, p)]
     if not blocks or len(pads) != 1 or len(sch.get_loops(pads[0])) != 4:
         return False
-    vk = max(blocks, key=lambda b: (b[2], b[0]))[0]
+    vk = knobs.pick("depthwise.channels", _ranked([b[0] for b in blocks], key=lambda v: v))
     pad = pads[0]
     sch.transform_layout(pad, ("write", 0), lambda n_, c_, h_, w_: (n_, c_ // vk, h_, w_, c_ % vk))
     pn, pc, ph, pw = sch.get_loops(pad)
@@ -403,8 +467,11 @@ def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs) -> bool:
     sch.reorder(pn, pc_o, ph, pw, pc_i)
     sch.parallel(sch.fuse(pn, pc_o, ph))
     sch.vectorize(pc_i)
-    wb = _largest_divisor_at_most(w, min(12, isa.accumulators - 1))
-    hb = _largest_divisor_at_most(h, max(1, (isa.accumulators - 1) // wb)) if wb < 6 else 1
+    tiles = []
+    for wb in sorted((d for d in _divisors(w) if d <= min(12, isa.accumulators - 1)), reverse=True):
+        hb = _largest_divisor_at_most(h, max(1, (isa.accumulators - 1) // wb)) if wb < 6 else 1
+        tiles.append((wb, hb))
+    wb, hb = knobs.pick("depthwise.tile", tiles)
     ln, lc, lh, lw, lrc, lry, lrx = sch.get_loops(main)
     c_o, c_i = sch.split(lc, factors=[None, vk])
     h_o, h_i = sch.split(lh, factors=[None, hb])
@@ -415,7 +482,7 @@ def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs) -> bool:
     return True
 
 
-def schedule_conv(sch, main, isa, outputs):
+def schedule_conv(sch, main, isa, outputs, knobs: Knobs):
     dims, weight, data = _conv_shapes(sch, main)
     n, c, h, w = dims
     in_channels = _int(data.shape[1])
@@ -424,18 +491,22 @@ def schedule_conv(sch, main, isa, outputs):
     per_group_out = c // groups
     strided = _stride_w(sch, main, w) > 1
     tail = _inline_tail(sch, main, outputs)
-    if w_in_per_group == 1 and per_group_out == 1 and _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs):
+    if w_in_per_group == 1 and per_group_out == 1 and _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs, knobs):
         return "depthwise conv2d (channel-blocked)"
     _schedule_pad(sch, main, isa)
     blocks = _channel_blocks(per_group_out, isa) if w_in_per_group > 1 else []
     full = [b for b in blocks if b[2] == 1.0]
     row_ok = not strided and any(_vector_ok(d, isa.lanes) for d in _divisors(w))
-    if full or (blocks and not row_ok):
-        outer, red, inner, facts = _conv_channel_vectorized(sch, main, tail, isa, per_group_out, dims)
+    nests = (["channels"] if full or (blocks and not row_ok) else []) + (["rows"] if row_ok else [])
+    if blocks and "channels" not in nests:
+        nests.append("channels")
+    nest = knobs.pick("conv.nest", nests) if nests else "rows"
+    if nest == "channels":
+        outer, red, inner, facts = _conv_channel_vectorized(sch, main, tail, isa, per_group_out, dims, knobs)
         _finish_tiled(sch, main, tail, outer, red, inner, isa, outputs, inner[-1], channels_last=True)
         return "conv2d" if groups == 1 else "grouped conv2d"
     choices = [d for d in _divisors(per_group_out) if d <= 8] if w_in_per_group > 1 else [1]
-    outer, red, inner, facts = _conv_width_vectorized(sch, main, tail, isa, dims, strided, choices)
+    outer, red, inner, facts = _conv_width_vectorized(sch, main, tail, isa, dims, strided, knobs, choices)
     strided = strided or not _vector_ok(facts["wb"], isa.lanes)
     _finish_tiled(sch, main, tail, outer, red, inner, isa, outputs, None if strided else inner[-1])
     kind = "depthwise conv2d" if w_in_per_group == 1 else "conv2d (row-vectorized)"
@@ -444,7 +515,7 @@ def schedule_conv(sch, main, isa, outputs):
 
 # -- pooling ----------------------------------------------------------------------------------
 
-def schedule_pool(sch, main, isa, outputs):
+def schedule_pool(sch, main, isa, outputs, knobs: Knobs):
     if _iter_kinds(sch, main) != "SSSSRR":
         raise NotMatched("not an NCHW pool")
     out = _buf(sch.get(main).writes[0])
@@ -504,7 +575,7 @@ def _stride_w(sch, main, w_out: int) -> int:
 
 # -- dense ------------------------------------------------------------------------------------
 
-def schedule_dense(sch, main, isa, outputs):
+def schedule_dense(sch, main, isa, outputs, knobs: Knobs):
     kinds = _iter_kinds(sch, main)
     if kinds != "SSR":
         raise NotMatched("not a 2-D matmul")
@@ -515,17 +586,13 @@ def schedule_dense(sch, main, isa, outputs):
     # pipeline (1000 classes = 5 x 8 lanes on AVX2); keep blocks for every core
     # a matrix-vector product at batch 1 streams the weights once: memory-bound, so one or
     # two vectors per block (measured 0.30 ms at 8 lanes vs 0.40 ms at 40 for 1024x1000)
-    vk = None
-    for j in (2, 1):
-        cand = j * isa.lanes
-        if n % cand == 0 and (n // cand >= 4 or j == 1):
-            vk = cand
-            break
-    if vk is None:
+    options = [j * isa.lanes for j in (2, 1, 4) if n % (j * isa.lanes) == 0 and (n // (j * isa.lanes) >= 4 or j == 1)]
+    if not options:
         blocks = _channel_blocks(n, isa)
         if not blocks:
             raise NotMatched("output features do not split into vectors")
-        vk = max(blocks, key=lambda b: (b[2], b[0]))[0]
+        options = [b[0] for b in _ranked(blocks, key=lambda b: (b[2], b[0]))]
+    vk = knobs.pick("dense.features", options)
     lm, ln, lk = sch.get_loops(main)
     n_o, n_i = sch.split(ln, factors=[None, vk])
     sch.reorder(lm, n_o, lk, n_i)
@@ -555,7 +622,7 @@ def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector) -> None:
 
 # -- 1x1 conv as a GEMM over the flattened image (graphgen.tune.pointwise) --------------------
 
-def schedule_pointwise(sch, gemm, isa, outputs):
+def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     """Default schedule of a pointwise (1x1) conv kernel, see :mod:`graphgen.tune.pointwise`:
     the GEMM in ``kb`` output channels x ``nv`` vectors of positions register tiles (weights
     broadcast, input rows loaded as vectors, parallel over tiles), then the cropped output with
@@ -563,7 +630,8 @@ def schedule_pointwise(sch, gemm, isa, outputs):
     if len(outputs) != 1:
         raise NotMatched("more than one output")
     out = outputs[0]
-    pads = [b for b in _blocks(sch) if sch.get(b).name_hint.startswith("pointwise_data_pad")]
+    # the input copied before the GEMM: padded rows, or the im2col columns of a strided conv
+    pads = [b for b in _blocks(sch) if sch.get(b).name_hint.startswith("pointwise_data_")]
     keep = (gemm, out, *pads)
     for b in _blocks(sch):
         if any(_same(sch, b, x) for x in keep):
@@ -579,19 +647,20 @@ def schedule_pointwise(sch, gemm, isa, outputs):
     on, ok_, oy, ox = sch.get_loops(out)
     width = _int(sch.get(ox).extent)
 
-    def tile(extent, vectors=(1, 2, 3, 4)):
+    def tiles(extent, vectors=(1, 2, 3, 4)):
         options = [(kb * nv, nv == 2, nv, kb) for nv in vectors if extent % (nv * lanes) == 0
                    for kb in _divisors(k_out) if kb * nv <= limit]
-        return max(options)[2:] if options else None
+        return [o[2:] for o in _ranked(options, key=lambda o: o)]
 
     # measured (AVX2, one thread): 16 -> 96 at 112x112 0.55 ms fused vs 1.07 in two passes; at
     # 56x56 rows take one vector per tile only, and fused ran 0.61 ms vs 0.33 in two passes
-    fused = tile(width, vectors=(2, 3, 4)) if not pads else None
-    if fused is not None:
+    fused_tiles = tiles(width, vectors=(2, 3, 4)) if not pads else []
+    passes = knobs.pick("pointwise.passes", ([1] if fused_tiles else []) + ([2] if tiles(p_pad) else []))
+    if passes == 1:
         # output rows that are whole tiles: the GEMM tile is computed where the output (and its
         # fused tail) consumes it, in registers; no second pass over the result. (Tiles that
         # cross rows would make TVM's region analysis over-approximate the GEMM's footprint.)
-        nv, kb = fused
+        nv, kb = knobs.pick("pointwise.tile", fused_tiles)
         op_ = sch.fuse(oy, ox)
         k_o, k_i = sch.split(ok_, factors=[None, kb])
         p_o, p_i = sch.split(op_, factors=[None, nv * lanes])
@@ -607,10 +676,7 @@ def schedule_pointwise(sch, gemm, isa, outputs):
         init = sch.decompose_reduction(gemm, gr)
         _vectorize_unroll_tail(sch, sch.get_loops(init)[3:])
         return "pointwise conv2d"
-    best = tile(p_pad)
-    if best is None:
-        raise NotMatched("positions make no whole vector")
-    nv, kb = best
+    nv, kb = knobs.pick("pointwise.tile", tiles(p_pad))
     ln, lk, lp, lr = sch.get_loops(gemm)
     k_o, k_i = sch.split(lk, factors=[None, kb])
     p_o, p_i = sch.split(lp, factors=[None, nv * lanes])
@@ -638,7 +704,7 @@ def _read_index(sch, block, buffer) -> int:
     raise NotMatched("block does not read the buffer")
 
 
-def _winograd_gemm_tile(tiles: int, k_out: int, isa: Isa) -> tuple[int, int]:
+def _winograd_gemm_tiles(tiles: int, k_out: int, isa: Isa) -> list[tuple[int, int]]:
     """(tiles per block ``pb``, output channels per block ``vk``) of the batched GEMM's
     register tile: per step ``vk/lanes`` weight vectors, ``pb`` broadcasts of V and ``pb *
     vk/lanes`` accumulators.
@@ -651,14 +717,19 @@ def _winograd_gemm_tile(tiles: int, k_out: int, isa: Isa) -> tuple[int, int]:
     blocks = _channel_blocks(k_out, isa)
     if not blocks:
         raise NotMatched("output channels do not split into vectors")
-    two = [b for b in blocks if b[1] == 2 and b[2] == 1.0]
-    vk, k, _ = two[0] if two else max(blocks, key=lambda b: (b[2], b[0]))
     limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
-    pb = max(d for d in _divisors(tiles) if d * k <= limit)
-    return pb, vk
+    # the heuristic's order: two whole vectors of channels first, then lane efficiency, width
+    ranked = _ranked(blocks, key=lambda b: (b[1] == 2 and b[2] == 1.0, b[2], b[0]))
+    out = []
+    for vk, k, _ in ranked:
+        fits = sorted((d for d in _divisors(tiles) if d * k <= limit), reverse=True)
+        out += [(pb, vk) for pb in fits[:2]]  # the most tiles that fit, and the next fewer
+    first = out[0]
+    # then the same channel block with fewer tiles before other channel blocks
+    return [first] + sorted(out[1:], key=lambda o: (o[1] != first[1]))
 
 
-def schedule_winograd(sch, gemm, isa, outputs):
+def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
     """Default schedule of a Winograd conv kernel (pad, data pack, batched GEMM, inverse + the
     fused tail), see :mod:`graphgen.tune.winograd`.
 
@@ -718,7 +789,7 @@ def schedule_winograd(sch, gemm, isa, outputs):
 
     # batched GEMM: M[p, e, nu, k] = sum_c V[p, e, nu, c] U[e, nu, c, k]
     tiles, alpha, _, k_out = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
-    pb, vk = _winograd_gemm_tile(tiles, k_out, isa)
+    pb, vk = knobs.pick("winograd.gemm_tile", _winograd_gemm_tiles(tiles, k_out, isa))
     gp, ge, gn, gk, grc = sch.get_loops(gemm)
     gp_o, gp_i = sch.split(gp, factors=[None, pb])
     gk_o, gk_i = sch.split(gk, factors=[None, vk])
@@ -808,12 +879,14 @@ def schedule_func(func, isa: Isa):
     return sch.mod["main"], kind
 
 
-def default_schedule(func, isa: Isa, mod=None):
+def default_schedule(func, isa: Isa, mod=None, knobs: Knobs | None = None):
     """The traced schedule (``tvm.s_tir.Schedule``) of ``func`` and its class name.
 
     ``mod`` (an IRModule whose "main" is ``func``, e.g. a MetaSchedule task) is scheduled in
-    place of a fresh one, so the trace replays on exactly that workload.
+    place of a fresh one, so the trace replays on exactly that workload. ``knobs`` picks other
+    options than the heuristic's (the tuner's variants) and records the knobs met.
     """
+    knobs = knobs if knobs is not None else Knobs()
     import tvm
     from tvm.s_tir import Schedule
 
@@ -832,10 +905,11 @@ def default_schedule(func, isa: Isa, mod=None):
         fn = _MAIN.get(name)
         if fn is not None:
             try:
-                kind = fn(sch, reductions[0], isa, outputs)
+                kind = fn(sch, reductions[0], isa, outputs, knobs)
             except Exception:  # noqa: BLE001 - not this class after all (e.g. two outputs): generic
                 kind = None
     if kind is None:
+        knobs.seen.clear()
         sch = Schedule(base)
         kind = schedule_generic(sch, isa, _output_blocks(sch))
     if kind.startswith(("conv2d", "grouped conv2d", "depthwise", "dense", "pointwise")):
@@ -849,6 +923,24 @@ def _rewrite_weight_layout(sch) -> None:
 
     sch.enter_postproc()  # as MetaSchedule records it, so the trace replays from a database
     ms.postproc.RewriteLayout().apply(sch)
+
+
+def variants(seen: dict[str, int], best: dict[str, int] | None = None) -> list[dict[str, int]]:
+    """Knob settings to measure next, around ``best`` (default: the heuristic's picks): every
+    other option of one knob at a time, knobs in the order the schedule met them.
+
+    Coordinate search: the tuner measures these, keeps the fastest as the new ``best`` and asks
+    again; settings measured before are its to skip. A knob whose option changes the loop nest
+    (``conv.nest``, ``pointwise.passes``) can bring new knobs with it, which the next round
+    meets in ``seen``.
+    """
+    best = dict(best or {})
+    out = []
+    for name, n in seen.items():
+        for i in range(n):
+            if i != best.get(name, 0):
+                out.append({**best, name: i})
+    return out
 
 
 def has_layout_rewrite(func) -> bool:

@@ -48,12 +48,14 @@ def tuning_target(spec):
     return tvm.target.Target(tuning_target_json(spec))
 
 
-def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None):
+def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, pointwise: bool | None = None):
     """Relax module -> fused TIR kernels (what MetaSchedule extracts tasks from).
 
     ``layout_rewrite=False`` leaves the weights' layout alone (schedules then read them in
     place). ``winograd``: which 3x3 convs become Winograd kernels
-    (:func:`graphgen.tune.winograd.resolve_mode`; default: the environment's). The weights are the module's constants, or its parameters after ``num_input``
+    (:func:`graphgen.tune.winograd.resolve_mode`; default: the environment's); ``pointwise``:
+    whether 1x1 convs become pointwise GEMM kernels (:func:`graphgen.tune.pointwise.enabled`).
+    The weights are the module's constants, or its parameters after ``num_input``
     (``params_as_inputs``): those are repacked by kernels the library runs on every call.
     """
     import tvm
@@ -67,8 +69,10 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None):
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             *rp.library_dispatch_passes(target),
-            # 3x3 stride-1 convs as Winograd kernels (graphgen.tune.winograd), the rest as TVM's
-            relax.transform.LegalizeOps(customize_legalize_map=legalize_map(winograd)),
+            # graphgen's conv kernels: 3x3 stride-1 convs as Winograd kernels
+            # (graphgen.tune.winograd), 1x1 convs as pointwise GEMMs (graphgen.tune.pointwise);
+            # the other convs and every other op as TVM's
+            relax.transform.LegalizeOps(customize_legalize_map=legalize_map(winograd, pointwise)),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -200,13 +204,13 @@ def _split_layout_rewrite(mod):
 
 
 def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
-                 layout_rewrite: bool = True, isa=None, winograd: str | None = None):
+                 layout_rewrite: bool = True, isa=None, winograd: str | None = None, pointwise: bool | None = None):
     """A relax_pipeline for ``tvm.compile``: fuse, schedule every kernel, finish."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        mod = fuse(mod, target, layout_rewrite, winograd)
+        mod = fuse(mod, target, layout_rewrite, winograd, pointwise)
         mod = schedule_kernels(mod, target, database, default_schedules, stats, isa)
         return finish(mod, target)
 
@@ -214,7 +218,7 @@ def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: S
 
 
 def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=None, layout_rewrite: bool = True,
-                schedule_like=None, winograd: str | None = None):
+                schedule_like=None, winograd: str | None = None, pointwise: bool | None = None):
     """``tvm.compile`` a Relax module for a CPU ``spec`` with :func:`cpu_pipeline`.
 
     ``database`` is a database folder (or None). A database that cannot be used is reported
@@ -234,6 +238,9 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
 
     log = log or (lambda msg: None)
     winograd = resolve_mode(winograd)
+    from graphgen.tune.pointwise import enabled as pointwise_enabled
+
+    pointwise = pointwise_enabled(pointwise)
     target = spec.tvm_target()
     like = schedule_like or spec
     isa = isa_of(like.tvm_target())
@@ -256,7 +263,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                 executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
-                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa, winograd))
+                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa, winograd, pointwise))
             opened = db
             pipeline = "tvm-default" if defaults is None else "graphgen"
             break
@@ -276,7 +283,8 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                          "pipeline": pipeline, "isa": isa.name if pipeline == "graphgen" else None,
                          "default_schedules": bool(default_schedules) and pipeline == "graphgen",
                          "layout_rewrite": layout_rewrite and pipeline == "graphgen",
-                         "winograd": winograd if pipeline == "graphgen" else "off"}
+                         "winograd": winograd if pipeline == "graphgen" else "off",
+                         "pointwise": pointwise and pipeline == "graphgen"}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
     if notes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from graphgen.errors import BuildError, GraphgenError, UserError
 from graphgen.tune import database as dbm
-from graphgen.tune import measure, pipeline
+from graphgen.tune import knob_search, measure, pipeline
 from graphgen.tune.scheduler import Plan, TaskState, make_task_scheduler
 
 #: trials per batch (one evolutionary-search round per batch)
@@ -186,6 +186,35 @@ def _save_cost_model(cm, opened) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _measure_schedules(picked, target, opened, builder, runner) -> list[float]:
+    """Build and time ``[(task index, workload, traced schedule)]`` and commit each as a tuning
+    record; returns each one's median seconds (1e10: it failed to build or run)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    built = builder.build([BuilderInput(sch.mod, target) for _, _, sch in picked])
+    run_idx = [k for k, b in enumerate(built) if b.error_msg is None]
+    # arguments as the built kernel takes them: weights already repacked (the repacking runs
+    # at compile time in a build, so it is not timed), as MetaSchedule measures its candidates
+    args = [ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, _, sch in picked]
+    futures = runner.run([RunnerInput(built[k].artifact_path, "cpu", args[k]) for k in run_idx])
+    results = {k: f.result() for k, f in zip(run_idx, futures)}
+    medians = []
+    for k, (i, mod, sch) in enumerate(picked):
+        rr = results.get(k)
+        secs = [float(x) for x in rr.run_secs] if rr is not None and rr.error_msg is None and rr.run_secs else None
+        workload = opened.tvm_db.commit_workload(mod)
+        opened.tvm_db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, secs if secs else [1e10], target, args[k]))
+        medians.append(sorted(secs)[len(secs) // 2] if secs else 1e10)
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return medians
+
+
 def _measure_default_schedules(extracted, plan: Plan, opened, builder, runner, bar, hook=None) -> None:
     """Measure graphgen's default schedule of every kernel the database has no trial of, and
     record it like any trial.
@@ -195,11 +224,6 @@ def _measure_default_schedules(extracted, plan: Plan, opened, builder, runner, b
     SqueezeNet kernels built a slower library than no tuning). It also gives the plan a real
     time for every kernel from the start, and the search a good record to start from.
     """
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
-    from tvm.s_tir.meta_schedule.runner import RunnerInput
-
     from graphgen.tune.defaults import default_schedule, isa_of
 
     todo = [i for i, t in enumerate(plan.tasks) if t.total_trials == 0]
@@ -220,28 +244,96 @@ def _measure_default_schedules(extracted, plan: Plan, opened, builder, runner, b
         picked.append((i, mod, sch))
     if not picked:
         return
-    built = builder.build([BuilderInput(sch.mod, target) for _, _, sch in picked])
-    run_idx = [k for k, b in enumerate(built) if b.error_msg is None]
-    # arguments as the built kernel takes them: weights already repacked (the repacking runs
-    # at compile time in a build, so it is not timed), as MetaSchedule measures its candidates
-    args = [ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, _, sch in picked]
-    futures = runner.run([RunnerInput(built[k].artifact_path, "cpu", args[k]) for k in run_idx])
-    results = {k: f.result() for k, f in zip(run_idx, futures)}
-    for k, (i, mod, sch) in enumerate(picked):
-        rr = results.get(k)
-        secs = [float(x) for x in rr.run_secs] if rr is not None and rr.error_msg is None and rr.run_secs else None
-        workload = opened.tvm_db.commit_workload(mod)
-        opened.tvm_db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, secs if secs else [1e10], target, args[k]))
-        med = sorted(secs)[len(secs) // 2] if secs else 1e10
+    states = knob_search.load(opened.path)
+    for (i, mod, _), med in zip(picked, _measure_schedules(picked, target, opened, builder, runner)):
+        states.setdefault(dbm.workload_hash(mod), knob_search.KnobState()).record({}, med)
         plan.used += 1
         plan.record(i, [med])
         bar.update(1)
-    for b in built:
-        if b.artifact_path:
-            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    knob_search.save(opened.path, states)
     if hook is not None:
         hook(plan)
+
+
+#: settings built and timed per batch of the knob search (the progress bar moves, Ctrl-C and
+#: the deadline are checked, and the search state is saved between batches)
+KNOB_BATCH = 12
+
+
+def _search_knobs(extracted, plan: Plan, opened, builder, runner, bar, report, hook=None) -> None:
+    """Coordinate search over the knobs of graphgen's default schedules, biggest kernels first
+    (see :mod:`graphgen.tune.knob_search`); every setting measured is a tuning record."""
+    from graphgen.tune.defaults import Knobs, default_schedule, isa_of, variants
+
+    target = extracted[0].target
+    isa = isa_of(target)
+    states = knob_search.load(opened.path)
+    hashes = [dbm.workload_hash(t.dispatched[0]) for t in extracted]
+    active = [i for i in range(len(extracted)) if not states.get(hashes[i], knob_search.KnobState()).done]
+    measured = 0
+    moved: set[int] = set()
+    while active and not plan.finished():
+        # this round: every active kernel's neighbourhood, the kernels taking most time first
+        spf = plan.seconds_per_flop()
+        active.sort(key=lambda i: -plan.tasks[i].estimated_seconds(spf))
+        work = []  # (task, setting, neighbourhood)
+        for i in list(active):
+            st = states.setdefault(hashes[i], knob_search.KnobState())
+            mod = extracted[i].dispatched[0]
+            knobs = Knobs(st.best)
+            try:
+                default_schedule(mod["main"], isa, mod=mod, knobs=knobs)
+            except Exception:  # noqa: BLE001 - no default schedule: nothing to search
+                st.done = True
+            todo = knob_search.next_round(st, knobs.seen) if not st.done else []
+            if not todo:
+                st.done = True
+                active.remove(i)
+                continue
+            around = [dict(st.best), *variants(knobs.seen, st.best)]
+            work += [(i, c, around) for c in todo]
+        remaining = plan.remaining()
+        if remaining is not None:
+            work = work[:remaining]
+        for at in range(0, len(work), KNOB_BATCH):
+            if plan.finished():
+                break
+            chunk = work[at:at + KNOB_BATCH]
+            picked = []
+            for i, c, _ in chunk:
+                mod = extracted[i].dispatched[0]
+                picked.append((i, mod, default_schedule(mod["main"], isa, mod=mod, knobs=Knobs(c))[0]))
+            for (i, c, _), med in zip(chunk, _measure_schedules(picked, target, opened, builder, runner)):
+                states[hashes[i]].record(c, med)
+                plan.used += 1
+                plan.record(i, [med])
+                bar.update(1)
+                measured += 1
+            knob_search.save(opened.path, states)
+            if hook is not None:
+                hook(plan)
+        # settle the kernels whose whole neighbourhood is measured now
+        for i in list(active):
+            st = states[hashes[i]]
+            around = next((a for j, _, a in work if j == i), None)
+            if around is None or not all(st.is_measured(c) for c in around):
+                continue
+            if st.settle(around):
+                moved.add(i)
+            if st.done:
+                active.remove(i)
+        knob_search.save(opened.path, states)
+    if measured:
+        gains = []
+        for i in moved:
+            st = states[hashes[i]]
+            base = st.seconds({})
+            if base < 1e9 and st.best_s < base:
+                gains.append(1 - st.best_s / base)
+        left = sum(1 for i in range(len(extracted)) if not states[hashes[i]].done) if states else 0
+        report(f"graphgen schedules: {measured} settings measured; {len(gains)} kernels faster than their default"
+               + (f" (by up to {max(gains):.0%})" if gains else "")
+               + (f"; {left} kernels' search not finished" if left else ""))
 
 
 def _default_space(isa):
@@ -478,6 +570,7 @@ def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trial
         callbacks = [*ms.MeasureCallback.create("default"), _make_measure_callback(plan, bar, after_batch)]
         cost_model = _cost_model(opened, n_threads if isinstance(n_threads, int) else 1, report)
         _measure_default_schedules(extracted, plan, opened, builder, runner, bar, after_batch)
+        _search_knobs(extracted, plan, opened, builder, runner, bar, bar.wrap(report), after_batch)
         unsearchable = _unsearchable(extracted, n_threads)
         for i in unsearchable:
             states[i].searchable = False

@@ -227,8 +227,10 @@ def _conv_facts(call):
     return shape, w, pads, out_h, out_w
 
 
-def legalize_conv2d(bb, call, mode: str | None = None):
-    """Legalization of ``relax.nn.conv2d``: Winograd where it qualifies, else TVM's own."""
+def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool | None = None):
+    """Legalization of ``relax.nn.conv2d``: Winograd where it qualifies, pointwise GEMM for 1x1
+    convs (:mod:`graphgen.tune.pointwise`; ``pointwise_kernels``: None = the environment's), else
+    TVM's own."""
     import tvm
     from tvm import relax
 
@@ -237,7 +239,7 @@ def legalize_conv2d(bb, call, mode: str | None = None):
     tvm_conv = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def default(bb_, call_):  # 1x1 convs: graphgen's pointwise GEMM kernel; the rest: TVM's
-        return pointwise.legalize(bb_, call_, tvm_conv)
+        return pointwise.legalize(bb_, call_, tvm_conv, pointwise_kernels)
 
     facts = _conv_facts(call) if enabled(mode) else None
     if facts is None:
@@ -251,7 +253,8 @@ def legalize_conv2d(bb, call, mode: str | None = None):
                       primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
 
-def legalize_map(mode: str | None = None) -> dict:
-    """LegalizeOps' ``customize_legalize_map`` for ``mode`` (see :func:`resolve_mode`)."""
+def legalize_map(mode: str | None = None, pointwise_kernels: bool | None = None) -> dict:
+    """LegalizeOps' ``customize_legalize_map`` for Winograd ``mode`` (see :func:`resolve_mode`)
+    and pointwise kernels on or off (None: the environment's)."""
     mode = resolve_mode(mode)
-    return {"relax.nn.conv2d": lambda bb, call: legalize_conv2d(bb, call, mode)}
+    return {"relax.nn.conv2d": lambda bb, call: legalize_conv2d(bb, call, mode, pointwise_kernels)}
