@@ -37,12 +37,24 @@ def test_pointwise_kernels_match_onnxruntime(name, tmp_path, monkeypatch):
     assert c.ok, c.summary()
 
 
-@pytest.mark.parametrize("kwargs", [dict(c=16, k=16, h=14, stride=2), dict(c=16, k=16, h=14, padding=1),
-                                    dict(c=64, k=64, h=3)])
+@pytest.mark.parametrize("kwargs", [dict(c=16, k=16, h=14, padding=1), dict(c=64, k=64, h=3),
+                                    dict(c=16, k=16, h=6, stride=2)])  # 3x3 outputs: too few positions
 def test_other_1x1_convs_keep_the_direct_schedule(kwargs, tmp_path, monkeypatch):
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
     kinds, c = _check(_model(**kwargs), tmp_path)
     assert "pointwise conv2d" not in kinds, kinds
+    assert c.ok, c.summary()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(c=64, k=128, h=56, stride=2),                          # ResNet's downsample: 28x28, whole tiles
+    dict(c=16, k=24, h=15, w=9, stride=2),                      # 8x5 = 40 positions, padded to 48
+    dict(c=8, k=16, h=13, stride=3, batch=2, bias=False),       # stride 3, batch 2
+])
+def test_strided_1x1_convs_are_gemms_over_the_subsampled_input(kwargs, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    kinds, c = _check(_model(**kwargs), tmp_path)
+    assert kinds == {"pointwise conv2d (strided)": 1}, kinds
     assert c.ok, c.summary()
 
 

@@ -641,6 +641,8 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
         sch.compute_inline(b)  # the crop and the tail's steps, into the output
     for p in pads:
         _parallel_vectorize(sch, p, isa)
+    strided = any(sch.get(p).name_hint.startswith("pointwise_data_im2col") for p in pads)
+    kind = "pointwise conv2d (strided)" if strided else "pointwise conv2d"
     _, k_out, p_pad = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
     lanes = isa.lanes
     limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
@@ -675,7 +677,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
         sch.unroll(gk)
         init = sch.decompose_reduction(gemm, gr)
         _vectorize_unroll_tail(sch, sch.get_loops(init)[3:])
-        return "pointwise conv2d"
+        return kind
     nv, kb = knobs.pick("pointwise.tile", tiles(p_pad))
     ln, lk, lp, lr = sch.get_loops(gemm)
     k_o, k_i = sch.split(lk, factors=[None, kb])
@@ -685,7 +687,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     sch.reorder(ln, p_o, k_o, lr, k_i, p_i)
     _register_tiled_gemm(sch, gemm, (ln, p_o, k_o), lr, unrolled=k_i, vector=p_i)
     _parallel_vectorize(sch, out, isa)
-    return "pointwise conv2d"
+    return kind
 
 
 # -- Winograd conv2d (graphgen.tune.winograd) -------------------------------------------------
