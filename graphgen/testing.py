@@ -70,6 +70,19 @@ def single_conv_model(c: int, k: int, h: int, w: int | None = None, *, kernel: i
     return b.build()
 
 
+def winograd_and_pointwise_model() -> onnx.ModelProto:
+    """Two kernels of graphgen's own classes: a 3x3 conv (Winograd F(4x4)) and a 1x1 conv
+    (pointwise GEMM), each with ReLU, at 16x16. For tuning tests."""
+    from graphgen.builder import GraphBuilder
+
+    b = GraphBuilder("wino_and_pw")
+    x = b.input("input", (1, 16, 16, 16))
+    x = b.relu(b.conv(x, 16, 3, padding=1, name="c3"))
+    x = b.relu(b.conv(x, 32, 1, name="c1"))
+    b.output(x, "out")
+    return b.build()
+
+
 def compile_and_compare(model: onnx.ModelProto, out_dir: Path, target: str = "x86",
                         tolerance: float = DEFAULT_TOLERANCE):
     """Compile ``model`` for ``target`` into ``out_dir/m.so`` (no optimizer) and, where it runs

@@ -84,6 +84,8 @@ def test_zoo_writes_the_table_between_the_readme_markers(bench_result, tmp_path)
     table = zoo.markdown([bench_result], 12.0)
     assert table.startswith("| model |") and bench_result["host"]["cpu"] in table and "load average" in table
     assert "of sgemm" in table and f"{bench_result['sgemm_gflops']:.0f} GFLOP/s" in table
+    ort = next(r for r in bench_result["runtimes"] if r["runtime"] == "onnxruntime")
+    assert "0.8x ORT needs" in table and f"{ort['of_sgemm'] / 0.8:.0%} of sgemm" in table
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Speed\n\n{zoo.START}\nold\n{zoo.END}\n\nafter\n")
     assert zoo.write_readme(readme, table)

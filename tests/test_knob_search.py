@@ -149,17 +149,12 @@ def test_tuner_searches_the_knobs_resumes_from_its_state_and_the_build_uses_the_
     import onnx
 
     from graphgen import api
-    from graphgen.builder import GraphBuilder
+    from graphgen.testing import winograd_and_pointwise_model
     from graphgen.tune import tune_onnx
 
     monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
     monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
-    b = GraphBuilder("two_kernels")
-    x = b.input("input", (1, 16, 16, 16))
-    x = b.relu(b.conv(x, 16, 3, padding=1, name="c3"))  # Winograd F(4x4)
-    x = b.relu(b.conv(x, 32, 1, name="c1"))             # pointwise
-    b.output(x, "out")
-    model = b.build()
+    model = winograd_and_pointwise_model()
     spec = resolve_target("x86")
     db = tmp_path / "db"
     res = tune_onnx(model, spec, trials=12, batch=2, db=db)

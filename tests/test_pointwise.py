@@ -58,11 +58,30 @@ def test_strided_1x1_convs_are_gemms_over_the_subsampled_input(kwargs, tmp_path,
     assert c.ok, c.summary()
 
 
-def test_pointwise_can_be_turned_off(tmp_path, monkeypatch):
+def test_pointwise_can_be_turned_off_and_the_choice_is_recorded_and_replayed(tmp_path, monkeypatch):
+    """``GRAPHGEN_POINTWISE=0`` keeps the direct conv; the manifest's ``build.schedules.pointwise``
+    records the choice, and a build "like" it (the armv7 kernel check's host reference) gets
+    the same kernels whatever the environment says then."""
+    from graphgen.compile import compile_model
+    from graphgen.emulate.kernels import _schedule_as
+
     monkeypatch.setenv("GRAPHGEN_POINTWISE", "0")
-    kinds, c = _check(_model(c=32, k=64, h=14), tmp_path)
+    model = _model(c=32, k=64, h=14)
+    kinds, c = _check(model, tmp_path)
     assert kinds == {"conv2d": 1}, kinds
     assert c.ok
+    spec = resolve_target("x86")
+    off = compile_model(model, spec, tmp_path / "off.so")["schedules"]
+    assert off["pointwise"] is False
+    monkeypatch.delenv("GRAPHGEN_POINTWISE")
+    on = compile_model(model, spec, tmp_path / "on.so")["schedules"]
+    assert on["pointwise"] is True and on["default_schedule_kinds"] == {"pointwise conv2d": 1}
+    monkeypatch.setenv("GRAPHGEN_POINTWISE", "1")
+    like_off = compile_model(model, spec, tmp_path / "like.so", **_schedule_as(spec, off))["schedules"]
+    assert like_off["default_schedule_kinds"] == {"conv2d": 1} and like_off["pointwise"] is False
+    # manifests from before the pointwise kernels (no "winograd" entry either): none
+    assert _schedule_as(spec, {"pipeline": "graphgen"})["pointwise"] is False
+    assert _schedule_as(spec, {"pipeline": "graphgen", "winograd": "auto"})["pointwise"] is True
 
 
 def test_wrong_weights_are_caught(tmp_path, monkeypatch):

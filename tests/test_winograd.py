@@ -179,17 +179,12 @@ def test_tuning_keeps_winograd_kernels_at_their_default_and_searches_the_rest(tm
     search and tunes the others; a build with the database then uses a record for every kernel
     and matches onnxruntime."""
     from graphgen import api
-    from graphgen.builder import GraphBuilder
+    from graphgen.testing import winograd_and_pointwise_model
     from graphgen.tune import tune_onnx
 
     monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
     monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
-    b = GraphBuilder("wino_and_pw")
-    x = b.input("input", (1, 16, 16, 16))
-    x = b.relu(b.conv(x, 16, 3, padding=1, name="c3"))   # Winograd F(4x4)
-    x = b.relu(b.conv(x, 32, 1, name="c1"))              # pointwise
-    b.output(x, "out")
-    model = b.build()
+    model = winograd_and_pointwise_model()
     spec = resolve_target("x86")
     res = tune_onnx(model, spec, trials=8, batch=2, db=tmp_path / "db")
     assert res.tasks == 2 and res.covered == 2 and not res.interrupted

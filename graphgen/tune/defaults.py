@@ -9,9 +9,10 @@ rewards; the sizes come from the target's vector width and register count
 * **conv2d** (regular, 1x1, strided, grouped with enough channels per group): the output tile
   is ``vk`` output channels (one or two vectors) x ``hb`` rows x ``wb`` columns, kept in
   registers across the whole reduction (input channels x kernel window): per step one vector
-  load of weights, ``hb*wb`` broadcasts of input values and ``k*hb*wb`` FMAs. ``hb*wb*k`` is
-  the largest that fits the register file (perfect divisors of the output height and width,
-  since odd widths - 13, 27, 55 - are common). The weights are repacked once at compile time
+  load of weights, ``hb*wb`` broadcasts of input values and ``k*hb*wb`` FMAs. The tile is the
+  one a small throughput model ranks first (FMA pipes, load ports, FMA latency, registers:
+  :func:`_tile_throughput`), from perfect divisors of the output height and width, since odd
+  widths - 13, 27, 55 - are common. The weights are repacked once at compile time
   into the order the loop reads them (``[oc/vk, ic, kh, kw, vk]``, MetaSchedule's RewriteLayout
   on the layout-free weight constants; folded into the library's constants). The fused tail
   (bias, ReLU/ReLU6, residual add) runs on each finished tile while it is in cache, vectorized
@@ -27,6 +28,10 @@ rewards; the sizes come from the target's vector width and register count
 
 A kernel that does not match its class's expectations keeps TVM's plain lowering; a schedule
 that raises is recorded in the build's facts (``default_schedule_failures``), never fatal.
+
+Every decision with alternatives (tile sizes, which loop nest) goes through :class:`Knobs`:
+the default schedule takes the heuristic's pick, and tuning measures the others
+(:mod:`graphgen.tune.knob_search`).
 """
 
 from __future__ import annotations
@@ -318,8 +323,8 @@ def _conv_channel_vectorized(sch, conv, tail, isa, per_group_out: int, dims, kno
             for wb in _divisors(w):
                 acc = k * hb * wb
                 # registers: the accumulators, k weight vectors, a broadcast and one spare
-                # (measured: 8 lanes x 14 positions, 16 of 16 AVX2 registers, ran 1.2-1.9x
-                # slower than 32 lanes x 2 on ResNet's 7x7/2 stem and strided 3x3 convs)
+                # (measured: 8 lanes x 14 positions, 16 of 16 AVX2 registers, ran 1.75-2.3x
+                # slower than 16 lanes x 4 on ResNet's 7x7/2 stem and 64 -> 128 3x3/2 conv)
                 if acc + k + 2 <= isa.registers and hb * wb <= 28:
                     score = _tile_throughput(k, hb * wb, eff) * (MULTI_ROW_PENALTY if hb > 1 else 1.0)
                     options.append((round(score, 3), acc, k == 2, vk, wb, hb))

@@ -162,8 +162,12 @@ def _cost_model(opened, n_threads: int, report):
                                 adaptive_training=True)
     saved = opened.path / COST_MODEL_FILE
     if saved.exists():
+        import warnings
+
         try:
-            cm.load(str(saved))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # xgboost's notes on the saved model's format
+                cm.load(str(saved))
         except Exception as e:  # noqa: BLE001 - a stale model only costs the warm-up again
             report(f"tuning database {opened.path}: ignoring its saved cost model ({type(e).__name__})")
     if cm.data_size < WARMUP_SAMPLES:
@@ -575,8 +579,8 @@ def _tune(relax_mod, spec, opened: dbm.OpenDatabase, target_json: dict, *, trial
         for i in unsearchable:
             states[i].searchable = False
         if unsearchable:
-            bar.wrap(report)(f"{len(unsearchable)} of {len(states)} kernels keep graphgen's default schedule "
-                             f"(MetaSchedule's rules cannot schedule them): "
+            bar.wrap(report)(f"{len(unsearchable)} of {len(states)} kernels get no MetaSchedule search (its "
+                             f"rules cannot schedule them; they keep graphgen's measured schedules): "
                              f"{', '.join(states[i].name for i in unsearchable[:4])}"
                              f"{' ...' if len(unsearchable) > 4 else ''}")
         while not plan.finished():
