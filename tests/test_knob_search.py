@@ -135,8 +135,8 @@ def test_every_knob_option_matches_onnxruntime(tmp_path, monkeypatch, option):
                  "dense"):
         assert kind in kinds, kinds
     # the knobs exercised, and that several have real alternatives to measure
-    assert {"conv.tile", "winograd.gemm_tile", "pointwise.tile", "depthwise.tile", "dense.features",
-            "conv.row_tile", "conv.row_piece"} <= set(seen), seen
+    assert {"conv.tile", "winograd.gemm_tile", "pointwise.tile", "depthwise.tile", "depthwise.pad",
+            "dense.features", "conv.row_tile", "conv.row_piece"} <= set(seen), seen
     assert sum(1 for n in seen.values() if n > 1) >= 4, seen
 
 
@@ -175,3 +175,17 @@ def test_tuner_searches_the_knobs_resumes_from_its_state_and_the_build_uses_the_
     built = api.build(str(path), "x86", out=tmp_path / "built", db=db)
     assert built.manifest["verification"]["status"] == "passed"
     assert built.manifest["tuning"]["records_used"] == built.manifest["tuning"]["kernels"] == 2
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7"])
+def test_knob_options_compile_for_neon(tmp_path, monkeypatch, target):
+    """The second option of every knob, sized for NEON, compiles for the boards (run there by
+    the tuner's RPC runner, or under emulation)."""
+    from graphgen.testing import compile_and_compare
+
+    original = defaults.default_schedule
+    monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
+    monkeypatch.setattr(defaults, "default_schedule",
+                        lambda func, isa, mod=None, knobs=None: original(func, isa, mod=mod, knobs=Knobs(others=1)))
+    kinds, cmp = compile_and_compare(_knob_model(), tmp_path, target)
+    assert cmp is None and "depthwise conv2d (channel-blocked)" in kinds and "pointwise conv2d" in kinds, kinds
