@@ -66,6 +66,20 @@ def test_search_state_moves_only_on_a_confirmed_clear_gain_and_stops_when_a_roun
     assert st.is_measured({"x": 0}) and st.is_measured({})  # option 0 is the default
 
 
+def test_a_finished_search_reopens_when_the_schedule_gains_a_knob():
+    st = KnobState()
+    st.reopen_if_new_knobs({"x": 2})
+    st.record({}, 1e-4)
+    st.record({"x": 1}, 1e-4)
+    assert not st.settle([{}, {"x": 1}]) and st.done
+    st.reopen_if_new_knobs({"x": 2})
+    assert st.done and next_round(st, {"x": 2}) == []
+    st.reopen_if_new_knobs({"x": 2, "y": 2})  # a newer schedule has a second knob
+    assert not st.done and next_round(st, {"x": 2, "y": 2}) == [{"y": 1}]
+    back = KnobState.from_json(json.loads(json.dumps(st.to_json())))
+    assert back.knobs == {"x": 2, "y": 2}
+
+
 def test_a_failed_default_is_replaced_by_any_setting_that_runs():
     st = KnobState()
     st.record({}, 1e10)

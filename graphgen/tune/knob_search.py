@@ -54,6 +54,14 @@ class KnobState:
     measured: dict[str, list[float]] = field(default_factory=dict)  # setting key -> seconds, each timing
     done: bool = False
     confirm: list[dict[str, int]] = field(default_factory=list)  # to measure again before moving
+    knobs: dict[str, int] = field(default_factory=dict)  # the knobs (and option counts) last searched
+
+    def reopen_if_new_knobs(self, seen: dict[str, int]) -> None:
+        """A finished search starts again when the schedule now has knobs (or options) it did
+        not have then (a newer graphgen); the settings measured before are not measured again."""
+        if self.done and seen != self.knobs:
+            self.done = False
+        self.knobs = dict(seen)
 
     def record(self, choice: dict[str, int], seconds: float) -> None:
         self.measured.setdefault(_key(choice), []).append(seconds)
@@ -85,7 +93,7 @@ class KnobState:
 
     def to_json(self) -> dict:
         return {"best": self.best, "best_s": None if math.isinf(self.best_s) else self.best_s,
-                "measured": self.measured, "done": self.done, "confirm": self.confirm}
+                "measured": self.measured, "done": self.done, "confirm": self.confirm, "knobs": self.knobs}
 
     @classmethod
     def from_json(cls, d: dict) -> KnobState:
@@ -95,7 +103,8 @@ class KnobState:
         return cls(best={str(k): int(v) for k, v in d.get("best", {}).items()},
                    best_s=float(d["best_s"]) if d.get("best_s") is not None else math.inf,
                    measured=measured, done=bool(d.get("done", False)),
-                   confirm=[{str(k): int(v) for k, v in c.items()} for c in d.get("confirm", [])])
+                   confirm=[{str(k): int(v) for k, v in c.items()} for c in d.get("confirm", [])],
+                   knobs={str(k): int(v) for k, v in d.get("knobs", {}).items()})
 
 
 def load(folder: Path) -> dict[str, KnobState]:

@@ -273,7 +273,7 @@ def _search_knobs(extracted, plan: Plan, opened, builder, runner, bar, report, h
     isa = isa_of(target)
     states = knob_search.load(opened.path)
     hashes = [dbm.workload_hash(t.dispatched[0]) for t in extracted]
-    active = [i for i in range(len(extracted)) if not states.get(hashes[i], knob_search.KnobState()).done]
+    active = list(range(len(extracted)))
     measured = 0
     moved: set[int] = set()
     while active and not plan.finished():
@@ -287,6 +287,7 @@ def _search_knobs(extracted, plan: Plan, opened, builder, runner, bar, report, h
             knobs = Knobs(st.best)
             try:
                 default_schedule(mod["main"], isa, mod=mod, knobs=knobs)
+                st.reopen_if_new_knobs(knobs.seen)
             except Exception:  # noqa: BLE001 - no default schedule: nothing to search
                 st.done = True
             todo = knob_search.next_round(st, knobs.seen) if not st.done else []
