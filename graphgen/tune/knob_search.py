@@ -97,9 +97,7 @@ class KnobState:
 
     @classmethod
     def from_json(cls, d: dict) -> KnobState:
-        measured = {}
-        for k, v in d.get("measured", {}).items():
-            measured[str(k)] = [float(x) for x in v] if isinstance(v, list) else [float(v)]
+        measured = {str(k): [float(x) for x in v] for k, v in d.get("measured", {}).items()}
         return cls(best={str(k): int(v) for k, v in d.get("best", {}).items()},
                    best_s=float(d["best_s"]) if d.get("best_s") is not None else math.inf,
                    measured=measured, done=bool(d.get("done", False)),

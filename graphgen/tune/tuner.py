@@ -333,7 +333,7 @@ def _search_knobs(extracted, plan: Plan, opened, builder, runner, bar, report, h
         for i in moved:
             st = states[hashes[i]]
             base = st.seconds({})
-            if base < 1e9 and st.best_s < base:
+            if base < knob_search.FAILED and st.best_s < base:
                 gains.append(1 - st.best_s / base)
         left = sum(1 for i in range(len(extracted)) if not states[hashes[i]].done) if states else 0
         report(f"graphgen schedules: {measured} settings measured; {len(gains)} kernels faster than their default"
