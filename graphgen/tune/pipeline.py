@@ -95,6 +95,7 @@ class ScheduleStats:
     plain: int = 0
     default_failures: list[str] = field(default_factory=list)
     kinds: dict = field(default_factory=dict)  # default-schedule class -> kernels
+    concats_in_place: int = 0  # concats whose pieces are written in place (concat_inplace)
 
     def as_dict(self) -> dict:
         d = {"kernels": self.kernels, "from_database": self.from_database, "default_schedule": self.default,
@@ -103,6 +104,7 @@ class ScheduleStats:
             d["default_schedule_kinds"] = dict(sorted(self.kinds.items()))
         if self.default_failures:
             d["default_schedule_failures"] = self.default_failures[:10]
+        d["concats_in_place"] = self.concats_in_place
         return d
 
 
@@ -157,23 +159,36 @@ def _drop_unused_layout_free(mod):
     return mod
 
 
-def finish(mod, target):
-    """Fold the weight repacking into the constants, lower Relax to the VM."""
+def finish(mod, target, stats: ScheduleStats | None = None):
+    """Fold the weight repacking into the constants, lower Relax to the VM (concats whose
+    pieces can be written in place are: :mod:`graphgen.tune.concat_inplace`)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp
 
+    from graphgen.tune import concat_inplace
+
+    counted: dict = {}
     with target:
         mod = _split_layout_rewrite(mod)
-        return tvm.transform.Sequential([
+        mod = tvm.transform.Sequential([
             relax.transform.FoldConstant(),
             # the repacking kernels ran in FoldConstant and the kernels SplitLayoutRewritePreproc
             # replaced are no longer called: without this they stay in the library (measured:
             # SqueezeNet armv7, 36 dead kernels beside 26 live ones)
             relax.transform.DeadCodeElimination(),
-            *rp.dataflow_lower_passes(target),
+            # rp.dataflow_lower_passes, with the concats rewritten before CallTIRRewrite
+            # allocates the kernels' outputs
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            *([concat_inplace.pass_(counted)] if concat_inplace.enabled() else []),
+            relax.transform.CallTIRRewrite(),
             *rp.finalize_passes(target),
         ])(mod)
+        if stats is not None:
+            stats.concats_in_place = counted.get("concats_in_place", 0)
+        return mod
 
 
 def _split_layout_rewrite(mod):
@@ -212,7 +227,7 @@ def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: S
     def _pipeline(mod, _ctx):
         mod = fuse(mod, target, layout_rewrite, winograd, pointwise)
         mod = schedule_kernels(mod, target, database, default_schedules, stats, isa)
-        return finish(mod, target)
+        return finish(mod, target, stats)
 
     return _pipeline
 

@@ -1,0 +1,81 @@
+"""Concats whose pieces the producing kernels write in place (graphgen.tune.concat_inplace):
+rewritten only where the pieces are contiguous and private to the concat, and every build
+still matches onnxruntime (fp32, relative L2 < 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from graphgen.builder import GraphBuilder
+from graphgen.tune.concat_inplace import _concat_axis
+from graphgen.verify import DEFAULT_TOLERANCE, compare, random_inputs, run_onnxruntime
+
+
+def _fire(batch: int = 1, reuse_piece: bool = False, input_piece: bool = False, pieces: int = 2, pool: bool = False):
+    """SqueezeNet's fire module tail: 1x1 and 3x3 expand convs of one input, concatenated."""
+    b = GraphBuilder("fire")
+    x = b.input("input", (batch, 8, 12, 12))
+    s = b.relu(b.conv(x, 8, 1, name="squeeze"))
+    outs = [b.relu(b.conv(s, 16, 1, name="e1")), b.relu(b.conv(s, 16, 3, padding=1, name="e3"))]
+    if pieces == 3:
+        outs.append(b.relu(b.conv(s, 8, 1, name="e1b")))
+    if input_piece:
+        outs.append(s)  # the squeeze output is used by the convs too: not private to the concat
+    if reuse_piece:
+        outs.append(b.relu(b.conv(outs[0], 8, 1, name="again")))  # the first piece has a second user
+    y = b.concat(outs, axis=1)
+    if pool:
+        y = b.max_pool(y, 3, stride=2)
+    b.output(y, "out")
+    return b.build()
+
+
+def _build(model, tmp_path, monkeypatch, enabled: bool = True, target: str = "x86"):
+    """(comparison with onnxruntime or None where the target does not run here, concats
+    written in place)."""
+    from graphgen.compile import compile_model, resolve_target, run_library
+
+    monkeypatch.setenv("GRAPHGEN_CONCAT_IN_PLACE", "1" if enabled else "0")
+    spec = resolve_target(target)
+    info = compile_model(model, spec, tmp_path / "m.so")
+    n = info["schedules"]["concats_in_place"]
+    if not spec.host_runnable:
+        return None, n
+    x = random_inputs(model)
+    got = run_library(tmp_path / "m.so", spec, model, x)
+    return compare(got, run_onnxruntime(model, x), ["out"], DEFAULT_TOLERANCE), n
+
+
+@pytest.mark.parametrize("case", [dict(), dict(pieces=3), dict(pool=True)], ids=["two", "three", "then-pool"])
+def test_contiguous_private_pieces_are_written_in_place_and_match_onnxruntime(tmp_path, monkeypatch, case):
+    cmp, n = _build(_fire(**case), tmp_path, monkeypatch)
+    assert cmp.ok, cmp.summary()
+    assert n == 1
+
+
+def test_switched_off_the_same_model_keeps_its_copy(tmp_path, monkeypatch):
+    cmp, n = _build(_fire(), tmp_path, monkeypatch, enabled=False)
+    assert cmp.ok, cmp.summary()
+    assert n == 0
+
+
+@pytest.mark.parametrize("case", [dict(batch=2), dict(reuse_piece=True), dict(input_piece=True)],
+                         ids=["batch-2-pieces-not-contiguous", "piece-with-a-second-user", "piece-used-elsewhere"])
+def test_concats_that_cannot_be_written_in_place_are_left_and_still_match(tmp_path, monkeypatch, case):
+    cmp, n = _build(_fire(**case), tmp_path, monkeypatch)
+    assert cmp.ok, cmp.summary()
+    assert n == 0
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7"])
+def test_in_place_concats_compile_for_the_boards(tmp_path, monkeypatch, target):
+    cmp, n = _build(_fire(), tmp_path, monkeypatch, target=target)
+    assert cmp is None and n == 1
+
+
+def test_concat_axis_needs_matching_other_dims_and_unit_leading_dims():
+    assert _concat_axis([(1, 4, 5, 5), (1, 6, 5, 5)], (1, 10, 5, 5)) == 1
+    assert _concat_axis([(2, 4, 5, 5), (2, 6, 5, 5)], (2, 10, 5, 5)) is None  # batch 2: strided pieces
+    assert _concat_axis([(1, 4, 5, 5), (1, 4, 5, 5)], (1, 4, 10, 5)) is None  # leading channel dim 4
+    assert _concat_axis([(1, 4, 5, 5), (1, 4, 6, 5)], (1, 10, 5, 5)) is None
+    assert _concat_axis([(4, 5), (6, 5)], (10, 5)) == 0
