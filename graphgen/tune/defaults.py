@@ -654,7 +654,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     if len(outputs) != 1:
         raise NotMatched("more than one output")
     out = outputs[0]
-    # the input copied before the GEMM: padded rows, or the im2col columns of a strided conv
+    # the input copied before the GEMM: padded rows, or the subsampled rows of a strided conv
     pads = [b for b in _blocks(sch) if sch.get(b).name_hint.startswith("pointwise_data_")]
     keep = (gemm, out, *pads)
     for b in _blocks(sch):

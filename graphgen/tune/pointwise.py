@@ -69,54 +69,57 @@ def pointwise_conv2d_te(data, weight):
     return te.compute((n_b, k_out, h, w), lambda n, k, y, x: gemm[n, k, y * w + x], name="pointwise_out")
 
 
-def im2col_conv2d_te(data, weight, kernel, strides, pads):
-    """``data`` NCHW, ``weight`` [K, C * kh * kw] (rows in (c, ky, kx) order) -> NCHW: the
-    window of every output position copied into a column first (``pointwise_data_im2col``,
-    ``[N, C * kh * kw, P_pad]``), then the pointwise GEMM over it."""
+def _strided_positions(h: int, w: int, strides, pads) -> tuple[int, int, int]:
+    """(output height, output width, padded position count) of a strided 1x1 conv."""
+    (sh, sw), (pt, pl, pb, pr) = strides, pads
+    out_h = (h + pt + pb - 1) // sh + 1
+    out_w = (w + pl + pr - 1) // sw + 1
+    return out_h, out_w, -(-(out_h * out_w) // P_QUANTUM) * P_QUANTUM
+
+
+def strided_conv2d_te(data, weight, strides, pads):
+    """``data`` NCHW, ``weight`` [K, C] of a strided 1x1 conv -> NCHW: every ``stride``-th input
+    position copied into the padded rows first (``pointwise_data_im2col``, ``[N, C, P_pad]``),
+    then the pointwise GEMM over them."""
     from tvm import te, tirx
 
     n_b, c_in, h, w = (int(x) for x in data.shape)
     k_out = int(weight.shape[0])
-    kh, kw = kernel
-    sh, sw = strides
-    pt, pl, pb, pr = pads
-    out_h = (h + pt + pb - kh) // sh + 1
-    out_w = (w + pl + pr - kw) // sw + 1
+    (sh, sw), (pt, pl, _, _) = strides, pads
+    out_h, out_w, p_pad = _strided_positions(h, w, strides, pads)
     p_real = out_h * out_w
-    p_pad = -(-p_real // P_QUANTUM) * P_QUANTUM
     zero = tirx.const(0.0, data.dtype)
 
-    def column(n, r, p):
-        c, ky, kx = r // (kh * kw), r // kw % kh, r % kw
+    def column(n, c, p):
         q = tirx.min(p, p_real - 1)
-        y = q // out_w * sh + ky - pt
-        x = q % out_w * sw + kx - pl
+        y = q // out_w * sh - pt
+        x = q % out_w * sw - pl
         inside = tirx.all(p < p_real, y >= 0, y < h, x >= 0, x < w)
         # clamped indices: the select reads only inside the input (TVM's bound checks see that)
         return tirx.if_then_else(inside, data[n, c, tirx.max(tirx.min(y, h - 1), 0),
                                               tirx.max(tirx.min(x, w - 1), 0)], zero)
 
-    cols = te.compute((n_b, c_in * kh * kw, p_pad), column, name="pointwise_data_im2col")
-    rc = te.reduce_axis((0, c_in * kh * kw), name="rc")
+    cols = te.compute((n_b, c_in, p_pad), column, name="pointwise_data_im2col")
+    rc = te.reduce_axis((0, c_in), name="rc")
     gemm = te.compute((n_b, k_out, p_pad), lambda n, k, p: te.sum(weight[k, rc] * cols[n, rc, p], axis=rc),
                       name="pointwise_gemm")
     return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
                       name="pointwise_out")
 
 
-#: the largest column matrix an im2col kernel materializes (bytes); bigger convs keep the direct kernel
+#: the largest subsampled input a strided kernel materializes (bytes); bigger convs keep the direct kernel
 IM2COL_MAX_BYTES = 64 << 20
 
 
-def _im2col_facts(call):
-    """(weights [K, C * kh * kw], kernel, strides, pads) of a strided conv the im2col kernel
-    takes, else None.
+def _strided_facts(call):
+    """(weights [K, C], strides, pads) of a strided 1x1 conv the strided kernel takes, else None.
 
     Only 1x1 kernels: their column matrix is the input subsampled (ResNet's stride-2
     downsample convs, AVX2, one thread: 64 -> 128 at 56x56 0.19 ms vs 0.49 direct, onnxruntime
-    0.21-0.25; 256 -> 512 at 14x14 0.27 vs 0.26). For 3x3 and 7x7 windows the strided copy
-    into columns cost more than the GEMM won (SqueezeNet's 3 -> 64 3x3/2 stem: 10 ms vs 0.8
-    direct; ResNet's 7x7/2 stem: 10.6 vs 7.0; its 3x3/2 convs 1.0-1.4x slower).
+    0.21-0.25; 256 -> 512 at 14x14 0.27 vs 0.26). The same im2col form for 3x3 and 7x7 windows
+    was measured and not kept: the strided copy into columns cost more than the GEMM won
+    (SqueezeNet's 3 -> 64 3x3/2 stem: 10 ms vs 0.8 direct; ResNet's 7x7/2 stem: 10.6 vs 7.0;
+    its 3x3/2 convs 1.0-1.4x slower).
     """
     from graphgen.tune.conv_call import static_conv
 
@@ -124,14 +127,10 @@ def _im2col_facts(call):
     if conv is None or conv.strides == (1, 1):
         return None
     n_b, c_in, h, w = conv.data_shape
-    k_out, _, kh, kw = conv.weight.shape
-    pt, pl, pb, pr = conv.pads
-    out_h = (h + pt + pb - kh) // conv.strides[0] + 1
-    out_w = (w + pl + pr - kw) // conv.strides[1] + 1
-    p_pad = -(-(out_h * out_w) // P_QUANTUM) * P_QUANTUM
-    if out_h * out_w < P_QUANTUM or n_b * c_in * kh * kw * p_pad * 4 > IM2COL_MAX_BYTES:
+    out_h, out_w, p_pad = _strided_positions(h, w, conv.strides, conv.pads)
+    if out_h * out_w < P_QUANTUM or n_b * c_in * p_pad * 4 > IM2COL_MAX_BYTES:
         return None
-    return conv.weight.reshape(k_out, c_in * kh * kw), (kh, kw), conv.strides, conv.pads
+    return conv.weight.reshape(conv.weight.shape[0], c_in), conv.strides, conv.pads
 
 
 def _facts(call):
@@ -154,12 +153,12 @@ def legalize(bb, call, fallback, use: bool | None = None):
         return fallback(bb, call)
     w2 = _facts(call)
     if w2 is None:
-        strided = _im2col_facts(call)
+        strided = _strided_facts(call)
         if strided is None:
             return fallback(bb, call)
-        w2, kernel, strides, pads = strided
-        return bb.call_te(im2col_conv2d_te, call.args[0], relax.const(np.ascontiguousarray(w2)), kernel, strides,
-                          pads, primfunc_name_hint="im2col_conv2d",
+        w2, strides, pads = strided
+        return bb.call_te(strided_conv2d_te, call.args[0], relax.const(np.ascontiguousarray(w2)), strides, pads,
+                          primfunc_name_hint="im2col_conv2d",
                           primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
     return bb.call_te(pointwise_conv2d_te, call.args[0], relax.const(np.ascontiguousarray(w2)),
                       primfunc_name_hint="pointwise_conv2d", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
