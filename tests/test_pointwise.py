@@ -24,7 +24,8 @@ CASES = {
     "squeezenet_classifier_13": dict(c=64, k=100, h=13),       # 169 positions, odd channel count
     "whole_vectors_56": dict(c=24, k=144, h=56),               # 3136 positions: no padding stage
     "project_residual_7": dict(c=32, k=32, h=7, residual=True, act=False),
-    "shufflenet_58": dict(c=58, k=58, h=28),
+    "shufflenet_58": dict(c=58, k=58, h=28),                   # GEMM rows padded to 60
+    "padded_rows_wide_112": dict(c=8, k=30, h=112),            # 32 rows: no fused single pass
     "batch2_rect_nobias": dict(c=16, k=24, h=10, w=6, batch=2, bias=False),
 }
 
@@ -50,6 +51,7 @@ def test_other_1x1_convs_keep_the_direct_schedule(kwargs, tmp_path, monkeypatch)
     dict(c=64, k=128, h=56, stride=2),                          # ResNet's downsample: 28x28, whole tiles
     dict(c=16, k=24, h=15, w=9, stride=2),                      # 8x5 = 40 positions, padded to 48
     dict(c=8, k=16, h=13, stride=3, batch=2, bias=False),       # stride 3, batch 2
+    dict(c=8, k=30, h=14, stride=2),                            # GEMM rows padded to 32
 ])
 def test_strided_1x1_convs_are_gemms_over_the_subsampled_input(kwargs, tmp_path, monkeypatch):
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
@@ -105,3 +107,15 @@ def test_pointwise_kernels_compile_for_neon_and_avx512(target, tmp_path, monkeyp
     if not spec.host_runnable:
         ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
         assert ok, problem
+
+
+def test_gemm_rows_are_padded_with_zeros_to_whole_channel_blocks():
+    import numpy as np
+
+    from graphgen.tune.pointwise import K_QUANTUM, pad_rows
+
+    w = np.arange(58 * 3, dtype=np.float32).reshape(58, 3)
+    p = pad_rows(w)
+    assert p.shape == (60, 3) and p.shape[0] % K_QUANTUM == 0
+    assert np.array_equal(p[:58], w) and not p[58:].any()
+    assert pad_rows(w[:56]).shape == (56, 3)

@@ -679,8 +679,11 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
         return [o[2:] for o in _ranked(options, key=lambda o: o)]
 
     # measured (AVX2, one thread): 16 -> 96 at 112x112 0.55 ms fused vs 1.07 in two passes; at
-    # 56x56 rows take one vector per tile only, and fused ran 0.61 ms vs 0.33 in two passes
-    fused_tiles = tiles(width, vectors=(2, 3, 4)) if not pads else []
+    # 56x56 rows take one vector per tile only, and fused ran 0.61 ms vs 0.33 in two passes.
+    # (Not with GEMM rows padded past the output channels: the output's channel loop would
+    # not split into whole tiles.)
+    whole_rows = _int(sch.get(ok_).extent) == k_out
+    fused_tiles = tiles(width, vectors=(2, 3, 4)) if not pads and whole_rows else []
     passes = knobs.pick("pointwise.passes", ([1] if fused_tiles else []) + ([2] if tiles(p_pad) else []))
     if passes == 1:
         # output rows that are whole tiles: the GEMM tile is computed where the output (and its
