@@ -149,7 +149,11 @@ def test_armv7_every_kernel_checked_under_qemu_arm(armv7_squeezenet):
     assert k["compiled"] >= 20 and k["run"] == k["compiled"] and k["calls"] >= k["run"]
     assert not k["not_exercised"] and k["worst_rel_l2"] < 1e-5
     kinds = " ".join(k["per_kernel"])
-    assert all(op in kinds for op in ("conv2d", "max_pool2d", "concatenate", "mean"))  # every kind of layer ran
+    assert all(op in kinds for op in ("conv2d", "max_pool2d", "mean"))  # every kind of layer ran
+    # the fire modules' concats cost no kernel: their pieces are written in place, and the
+    # kernels doing that (on views of the concat's output) are among those checked
+    assert armv7_squeezenet.manifest["build"]["schedules"]["concats_in_place"] == 8
+    assert "concatenate" not in kinds
     assert max(v["chained"]["rel_l2"]) < 1e-5 and v["chained"]["reference"] == "onnxruntime"
     assert v["weights"]["found_in_library"] == v["weights"]["total"] > 20
     # what did not run is said plainly

@@ -205,7 +205,33 @@ def rewrite(mod):
                                      func.attrs)
     for producer in in_place:
         mod[producer] = offset_funcs[producer]
+    if done:
+        mod = _drop_unreferenced_kernels(mod)
     return mod, done
+
+
+def _drop_unreferenced_kernels(mod):
+    """The module without the concat kernels no call refers to any more (else the library
+    would carry them: the armv7 kernel check counts every kernel it holds).
+
+    Not ``DeadCodeElimination``: it would also drop the in-place calls, whose results nothing
+    reads (the concat's output is the buffer they write into)."""
+    import tvm
+    from tvm import relax, tirx
+
+    used = set()
+
+    def visit(e):
+        if isinstance(e, tvm.ir.GlobalVar):
+            used.add(e.name_hint)
+
+    for _, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f.body, visit)
+    for gv in [gv for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]:
+        if _CONCAT_NAME.match(gv.name_hint) and gv.name_hint not in used:
+            del mod[gv]
+    return mod
 
 
 def pass_(stats=None):
