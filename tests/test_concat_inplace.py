@@ -79,3 +79,22 @@ def test_concat_axis_needs_matching_other_dims_and_unit_leading_dims():
     assert _concat_axis([(1, 4, 5, 5), (1, 4, 5, 5)], (1, 4, 10, 5)) is None  # leading channel dim 4
     assert _concat_axis([(1, 4, 5, 5), (1, 4, 6, 5)], (1, 10, 5, 5)) is None
     assert _concat_axis([(4, 5), (6, 5)], (10, 5)) == 0
+
+
+def test_the_choice_is_recorded_and_a_build_like_it_replays_it(tmp_path, monkeypatch):
+    """``build.schedules.concat_in_place`` records the choice; a build "like" it (the armv7
+    kernel check's host reference) gets the same kernels whatever the environment says then."""
+    from graphgen.compile import compile_model, resolve_target
+    from graphgen.emulate.kernels import _schedule_as
+
+    spec = resolve_target("x86")
+    monkeypatch.setenv("GRAPHGEN_CONCAT_IN_PLACE", "0")
+    off = compile_model(_fire(), spec, tmp_path / "off.so")["schedules"]
+    assert off["concat_in_place"] is False and off["concats_in_place"] == 0
+    monkeypatch.setenv("GRAPHGEN_CONCAT_IN_PLACE", "1")
+    like_off = compile_model(_fire(), spec, tmp_path / "like.so", **_schedule_as(spec, off))["schedules"]
+    assert like_off["concat_in_place"] is False and like_off["concats_in_place"] == 0
+    on = compile_model(_fire(), spec, tmp_path / "on.so")["schedules"]
+    assert on["concat_in_place"] is True and on["concats_in_place"] == 1
+    # manifests from before in-place concats: none
+    assert _schedule_as(spec, {"pipeline": "graphgen", "winograd": "auto"})["concat_in_place"] is False

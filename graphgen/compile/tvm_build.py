@@ -71,7 +71,7 @@ def lld_fcompile(spec: TargetSpec):
 def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path, *, log=None,
                   params_as_inputs: bool = False, database=None, default_schedules: bool | None = None,
                   schedule_like: TargetSpec | None = None, winograd: str | None = None,
-                  pointwise: bool | None = None) -> dict:
+                  pointwise: bool | None = None, concat_in_place: bool | None = None) -> dict:
     """Compile ``model`` for ``spec`` and write a shared library to ``out_path``.
 
     Returns facts for the manifest (timings, how it was linked, CUDA device code).
@@ -88,6 +88,9 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
     environment's ``GRAPHGEN_WINOGRAD``, else ``auto``; see :mod:`graphgen.tune.winograd`).
     ``pointwise``: whether 1x1 convs become pointwise GEMM kernels (default: yes unless the
     environment sets ``GRAPHGEN_POINTWISE=0``; see :mod:`graphgen.tune.pointwise`).
+    ``concat_in_place``: whether the kernels producing a concat's pieces write them into its
+    output (default: yes unless ``GRAPHGEN_CONCAT_IN_PLACE=0``; see
+    :mod:`graphgen.tune.concat_inplace`).
     """
     import tvm
     from tvm import relax
@@ -117,14 +120,14 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
             # vector from rows 100 KB apart: FCN-32s's 7x7 fc6 ran minutes instead of 0.07 s)
             executable = compile_cpu(mod, spec, database, default_schedules, info, log,
                                      layout_rewrite=True, schedule_like=schedule_like, winograd=winograd,
-                                     pointwise=pointwise)
+                                     pointwise=pointwise, concat_in_place=concat_in_place)
         else:
             pipeline = relax.get_default_pipeline(target)
             executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
             if spec.arch != "cuda":
                 info["schedules"] = {"pipeline": "tvm-default", "database": None, "isa": None,
                                      "default_schedules": False, "layout_rewrite": False, "winograd": "off",
-                                     "pointwise": False}
+                                     "pointwise": False, "concat_in_place": False}
     except UserError:
         raise
     except Exception as e:

@@ -181,7 +181,8 @@ def _schedule_as(like, schedules: dict | None) -> dict:
     # manifests from before graphgen's Winograd and pointwise kernels have no entry for them
     return {"schedule_like": like, "default_schedules": schedules.get("default_schedules", True),
             "database": db if db and Path(db).is_dir() else None, "winograd": schedules.get("winograd", "off"),
-            "pointwise": schedules.get("pointwise", "winograd" in schedules)}
+            "pointwise": schedules.get("pointwise", "winograd" in schedules),
+            "concat_in_place": schedules.get("concat_in_place", False)}
 
 
 class _Memory:

@@ -32,8 +32,11 @@ import re
 _CONCAT_NAME = re.compile(r"^concatenate\d*$")
 
 
-def enabled() -> bool:
-    """On unless ``GRAPHGEN_CONCAT_IN_PLACE=0`` (for comparisons)."""
+def enabled(use: bool | None = None) -> bool:
+    """Whether concats are rewritten: ``use``, else the environment's
+    ``GRAPHGEN_CONCAT_IN_PLACE`` (``0`` turns it off, for comparisons), else yes."""
+    if use is not None:
+        return bool(use)
     return os.environ.get("GRAPHGEN_CONCAT_IN_PLACE", "1") != "0"
 
 

@@ -159,9 +159,10 @@ def _drop_unused_layout_free(mod):
     return mod
 
 
-def finish(mod, target, stats: ScheduleStats | None = None):
-    """Fold the weight repacking into the constants, lower Relax to the VM (concats whose
-    pieces can be written in place are: :mod:`graphgen.tune.concat_inplace`)."""
+def finish(mod, target, stats: ScheduleStats | None = None, concat_in_place: bool = True):
+    """Fold the weight repacking into the constants, lower Relax to the VM (with
+    ``concat_in_place``, concats whose pieces can be written in place are:
+    :mod:`graphgen.tune.concat_inplace`)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp
@@ -182,7 +183,7 @@ def finish(mod, target, stats: ScheduleStats | None = None):
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
-            *([concat_inplace.pass_(counted)] if concat_inplace.enabled() else []),
+            *([concat_inplace.pass_(counted)] if concat_in_place else []),
             relax.transform.CallTIRRewrite(),
             *rp.finalize_passes(target),
         ])(mod)
@@ -219,7 +220,8 @@ def _split_layout_rewrite(mod):
 
 
 def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
-                 layout_rewrite: bool = True, isa=None, winograd: str | None = None, pointwise: bool | None = None):
+                 layout_rewrite: bool = True, isa=None, winograd: str | None = None, pointwise: bool | None = None,
+                 concat_in_place: bool = True):
     """A relax_pipeline for ``tvm.compile``: fuse, schedule every kernel, finish."""
     import tvm
 
@@ -227,13 +229,14 @@ def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: S
     def _pipeline(mod, _ctx):
         mod = fuse(mod, target, layout_rewrite, winograd, pointwise)
         mod = schedule_kernels(mod, target, database, default_schedules, stats, isa)
-        return finish(mod, target, stats)
+        return finish(mod, target, stats, concat_in_place)
 
     return _pipeline
 
 
 def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=None, layout_rewrite: bool = True,
-                schedule_like=None, winograd: str | None = None, pointwise: bool | None = None):
+                schedule_like=None, winograd: str | None = None, pointwise: bool | None = None,
+                concat_in_place: bool | None = None):
     """``tvm.compile`` a Relax module for a CPU ``spec`` with :func:`cpu_pipeline`.
 
     ``database`` is a database folder (or None). A database that cannot be used is reported
@@ -256,6 +259,9 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     from graphgen.tune.pointwise import enabled as pointwise_enabled
 
     pointwise = pointwise_enabled(pointwise)
+    from graphgen.tune.concat_inplace import enabled as concat_in_place_enabled
+
+    concat_in_place = concat_in_place_enabled(concat_in_place)
     target = spec.tvm_target()
     like = schedule_like or spec
     isa = isa_of(like.tvm_target())
@@ -278,7 +284,8 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                 executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
-                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa, winograd, pointwise))
+                    target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa, winograd, pointwise,
+                    concat_in_place))
             opened = db
             pipeline = "tvm-default" if defaults is None else "graphgen"
             break
@@ -299,7 +306,8 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                          "default_schedules": bool(default_schedules) and pipeline == "graphgen",
                          "layout_rewrite": layout_rewrite and pipeline == "graphgen",
                          "winograd": winograd if pipeline == "graphgen" else "off",
-                         "pointwise": pointwise and pipeline == "graphgen"}
+                         "pointwise": pointwise and pipeline == "graphgen",
+                         "concat_in_place": concat_in_place and pipeline == "graphgen"}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
     if notes:
