@@ -11,7 +11,8 @@ from graphgen.tune.concat_inplace import _concat_axis
 from graphgen.verify import DEFAULT_TOLERANCE, compare, random_inputs, run_onnxruntime
 
 
-def _fire(batch: int = 1, reuse_piece: bool = False, input_piece: bool = False, pieces: int = 2, pool: bool = False):
+def _fire(batch: int = 1, reuse_piece: bool = False, input_piece: bool = False, pieces: int = 2, pool: bool = False,
+          shared_second: bool = False, read_after: bool = False):
     """SqueezeNet's fire module tail: 1x1 and 3x3 expand convs of one input, concatenated."""
     b = GraphBuilder("fire")
     x = b.input("input", (batch, 8, 12, 12))
@@ -20,13 +21,29 @@ def _fire(batch: int = 1, reuse_piece: bool = False, input_piece: bool = False, 
     if pieces == 3:
         outs.append(b.relu(b.conv(s, 8, 1, name="e1b")))
     if input_piece:
-        outs.append(s)  # the squeeze output is used by the convs too: not private to the concat
+        outs.append(s)  # a piece that is not a kernel's output of its own (the squeeze output)
     if reuse_piece:
-        outs.append(b.relu(b.conv(outs[0], 8, 1, name="again")))  # the first piece has a second user
+        outs.append(b.relu(b.conv(outs[0], 8, 1, name="again")))  # the first piece is read before the concat
+    if shared_second:
+        outs.append(b.relu(b.conv(outs[1], 8, 1, name="again")))  # a later piece is read elsewhere too
     y = b.concat(outs, axis=1)
     if pool:
         y = b.max_pool(y, 3, stride=2)
+    if read_after:
+        # the first piece is read after the concat too (as the concat's own reader does)
+        y = b.concat([b.relu(b.conv(y, 8, 1, name="after")), b.relu(b.conv(outs[0], 8, 1, name="late"))], axis=1)
     b.output(y, "out")
+    return b.build()
+
+
+def _dense_block(layers: int = 3):
+    """DenseNet's block: every layer's features concatenated onto all before them."""
+    b = GraphBuilder("dense")
+    x = b.max_pool(b.relu(b.conv(b.input("input", (1, 3, 16, 16)), 8, 3, padding=1, name="stem")), 2, stride=2)
+    for i in range(layers):
+        y = b.relu(b.conv(b.relu(b.conv(x, 16, 1, name=f"l{i}a")), 4, 3, padding=1, name=f"l{i}b"))
+        x = b.concat([x, y], axis=1)
+    b.output(b.relu(b.conv(x, 8, 1, name="transition")), "out")
     return b.build()
 
 
@@ -46,9 +63,25 @@ def _build(model, tmp_path, monkeypatch, enabled: bool = True, target: str = "x8
     return compare(got, run_onnxruntime(model, x), ["out"], DEFAULT_TOLERANCE), n
 
 
-@pytest.mark.parametrize("case", [dict(), dict(pieces=3), dict(pool=True)], ids=["two", "three", "then-pool"])
+@pytest.mark.parametrize("case", [dict(), dict(pieces=3), dict(pool=True), dict(reuse_piece=True)],
+                         ids=["two", "three", "then-pool", "first-piece-read-before-the-concat"])
 def test_contiguous_private_pieces_are_written_in_place_and_match_onnxruntime(tmp_path, monkeypatch, case):
     cmp, n = _build(_fire(**case), tmp_path, monkeypatch)
+    assert cmp.ok, cmp.summary()
+    assert n == 1
+
+
+def test_a_chain_of_concats_is_one_buffer_each_a_prefix_of_the_next(tmp_path, monkeypatch):
+    """DenseNet: concat(concat(x, f1), f2) ...: every layer's features are written once."""
+    cmp, n = _build(_dense_block(3), tmp_path, monkeypatch)
+    assert cmp.ok, cmp.summary()
+    assert n == 3
+
+
+def test_a_first_piece_read_after_the_concat_keeps_its_copy(tmp_path, monkeypatch):
+    """The late reader could find the concat's buffer gone; only the second concat (of two
+    private kernel outputs) is rewritten."""
+    cmp, n = _build(_fire(read_after=True), tmp_path, monkeypatch)
     assert cmp.ok, cmp.summary()
     assert n == 1
 
@@ -59,8 +92,8 @@ def test_switched_off_the_same_model_keeps_its_copy(tmp_path, monkeypatch):
     assert n == 0
 
 
-@pytest.mark.parametrize("case", [dict(batch=2), dict(reuse_piece=True), dict(input_piece=True)],
-                         ids=["batch-2-pieces-not-contiguous", "piece-with-a-second-user", "piece-used-elsewhere"])
+@pytest.mark.parametrize("case", [dict(batch=2), dict(shared_second=True), dict(input_piece=True)],
+                         ids=["batch-2-pieces-not-contiguous", "later-piece-read-elsewhere", "piece-not-a-kernel-output"])
 def test_concats_that_cannot_be_written_in_place_are_left_and_still_match(tmp_path, monkeypatch, case):
     cmp, n = _build(_fire(**case), tmp_path, monkeypatch)
     assert cmp.ok, cmp.summary()

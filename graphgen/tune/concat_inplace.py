@@ -7,18 +7,24 @@ concat axis is 1) is a sequence of contiguous pieces of its output. So instead o
 
 the library allocates ``c`` first and runs ``kernel_a`` and ``kernel_b`` in place on views of
 it (``R.memory.view`` at each piece's byte offset, ``R.call_tir_inplace``); the concat's
-copy pass disappears (measured: 5 % of SqueezeNet 1.1, 0.48 ms at one thread, which
-onnxruntime spends as well). A kernel reads its output's position from the view's byte
-offset, so its output buffer is given a symbolic element offset (``offset_factor=1``); it
-still runs unchanged where it is called on a tensor of its own (offset 0).
+copy pass disappears (measured: 4-6 % of SqueezeNet 1.1, which onnxruntime spends as well).
+A kernel reads its output's position from the view's byte offset, so its output buffer is
+given a symbolic element offset (``offset_factor=1``); it still runs unchanged where it is
+called on a tensor of its own (offset 0). A concat whose first piece is itself such a concat
+becomes a prefix view of the outer one's buffer, so DenseNet's ``concat(concat(x, f1), f2)``
+chains write every layer's features once.
 
 The rewrite runs on the lowered Relax function (after ``RemovePurityChecking``, before
 ``CallTIRRewrite`` plans the outputs) and only where it is safe:
 
 * the concat is TVM's own kernel (``concatenate*``, unfused) of tensors whose leading
   dimensions before the axis are all 1;
-* every piece is the single output of a ``call_tir`` bound in the same block, used by
-  nothing but this concat, and no piece appears twice;
+* every piece is the single output of a ``call_tir`` bound earlier in the same block (or a
+  concat rewritten the same way, as the first piece) and no piece appears twice;
+* a piece other kernels read too (U-Net's skip connections, DenseNet's features) is the
+  first one (offset 0: its readers take the view as an ordinary tensor) and is read only
+  before the concat (its buffer is the concat's, alive from the first piece to the concat's
+  last reader); later pieces are read by the concat alone;
 * the producing kernel survives a TVMScript round trip unchanged (how the offset is added);
   else that concat is left as it was.
 """
@@ -106,13 +112,176 @@ def _uses(func) -> dict:
     return counts
 
 
+def _users(bindings) -> dict:
+    """Relax variable -> indices of the bindings (of this block) whose value uses it."""
+    from tvm import relax
+
+    found: dict = {}
+    for k, b in enumerate(bindings):
+        seen = set()
+
+        def visit(e, seen=seen):
+            if isinstance(e, relax.Var):
+                seen.add(e)
+
+        relax.analysis.post_order_visit(b.value, visit)
+        for v in seen:
+            found.setdefault(v, []).append(k)
+    return found
+
+
+class _Block:
+    """The concats of one binding block and how each one's pieces are written in place.
+
+    A piece is a ``kernel`` piece (its producing kernel runs in place on a view of the
+    output) or, first pieces only, a ``concat`` piece: a concat that is itself rewritten and
+    becomes a prefix view of this one's output (DenseNet's ``concat(concat(x, f1), f2)``).
+    A piece other kernels read too (U-Net's skip connections, DenseNet's growing features)
+    is allowed at offset 0 only (readers take views at offset 0, which every kernel accepts)
+    and only when every other reader runs before the concat, while its output is alive.
+    """
+
+    def __init__(self, mod, bindings, uses, offset_funcs):
+        self.mod, self.bindings, self.uses, self.offset_funcs = mod, bindings, uses, offset_funcs
+        self.where = {b.var: i for i, b in enumerate(bindings)}
+        self.users = _users(bindings)
+        self.plans: dict = {}  # concat binding -> [(kind, binding of the piece, byte offset)]
+        self.claimed: set[int] = set()
+        self.nested_in: dict = {}  # concat binding -> the concat it is a prefix of
+
+    def _read_before(self, var, i: int) -> bool:
+        """Every use of ``var`` is a binding of this block up to ``i`` (the concat itself, or an
+        alias it reads through)."""
+        inside = self.users.get(var, [])
+        return len(inside) == self.uses.get(var, 0) and all(k <= i for k in inside)
+
+    def _offset_func(self, producer):
+        from tvm import tirx
+
+        if producer not in self.offset_funcs:
+            pf = self.mod[producer]
+            self.offset_funcs[producer] = with_offset_output(pf) if isinstance(pf, tirx.PrimFunc) else None
+        return self.offset_funcs[producer]
+
+    def _piece(self, p, i: int, offset: int):
+        """(kind, binding index) of piece ``p`` of the concat at ``i``, or None."""
+        import tvm
+        from tvm import relax
+
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        j = self.where.get(p)
+        chain = [p]
+        # through plain aliases (``lv2 = lv15``, left by ToNonDataflow and the layout rewrite)
+        while j is not None and isinstance(self.bindings[j].value, relax.Var):
+            p = self.bindings[j].value
+            chain.append(p)
+            j = self.where.get(p)
+        if j is None or j >= i or j in self.claimed:
+            return None
+        private = all(self.uses.get(v, 0) == 1 for v in chain)
+        shared_ok = offset == 0 and all(self._read_before(v, i) for v in chain)
+        if j in self.plans and j not in self.nested_in and offset == 0 and (private or shared_ok):
+            return "concat", j
+        pv = self.bindings[j].value
+        if not (isinstance(pv, relax.Call) and pv.op.same_as(call_tir) and len(pv.args) == 2
+                and isinstance(pv.args[0], tvm.ir.GlobalVar)):
+            return None
+        if not (private or shared_ok) or self._offset_func(pv.args[0]) is None:
+            return None
+        return "kernel", j
+
+    def plan(self) -> None:
+        import tvm
+        from tvm import relax
+
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        for i, b in enumerate(self.bindings):
+            v = b.value
+            if not (isinstance(b, relax.VarBinding) and isinstance(v, relax.Call) and v.op.same_as(call_tir)
+                    and len(v.args) == 2 and isinstance(v.args[0], tvm.ir.GlobalVar)
+                    and _CONCAT_NAME.match(v.args[0].name_hint)):
+                continue
+            pieces = list(v.args[1].fields)
+            out_shape = _shape(b.var.ty)
+            shapes = [_shape(p.ty) if isinstance(p, relax.Var) else None for p in pieces]
+            if out_shape is None or any(s is None for s in shapes) or len(set(pieces)) != len(pieces):
+                continue
+            axis = _concat_axis(shapes, out_shape)
+            if axis is None:
+                continue
+            inner = math.prod(out_shape[axis + 1:]) * (tvm.runtime.DataType(str(b.var.ty.dtype)).bits // 8)
+            plan, offset = [], 0
+            for p, s in zip(pieces, shapes):
+                got = self._piece(p, i, offset)
+                if got is None:
+                    plan = None
+                    break
+                plan.append((*got, offset))
+                offset += s[axis] * inner
+            if plan:
+                self.plans[i] = plan
+                for kind, j, _ in plan:
+                    if kind == "concat":
+                        self.nested_in[j] = i
+                    else:
+                        self.claimed.add(j)
+
+    def _root(self, i: int) -> int:
+        while i in self.nested_in:
+            i = self.nested_in[i]
+        return i
+
+    def rewritten(self):
+        """The new bindings and the producers now run in place (None: nothing to rewrite)."""
+        from tvm import relax, tirx
+
+        if not self.plans:
+            return None, set()
+        kernel_at = {}  # producer binding -> (root concat, byte offset)
+        for i, plan in self.plans.items():
+            for kind, j, off in plan:
+                if kind == "kernel":
+                    kernel_at[j] = (self._root(i), off)  # nested concats sit at offset 0
+        alloc_at: dict = {}  # binding before which a root's buffer is allocated -> roots
+        for root in {self._root(i) for i in self.plans}:
+            first = min(j for j, (r, _) in kernel_at.items() if r == root)
+            alloc_at.setdefault(first, []).append(root)
+        storage = {}
+        new = []
+        producers = set()
+        for k, b in enumerate(self.bindings):
+            for root in alloc_at.get(k, []):
+                c = self.bindings[root].var
+                storage[root] = relax.Var(c.name + "_storage", c.ty)
+                new.append(relax.VarBinding(storage[root], relax.op.builtin.alloc_tensor(
+                    relax.ShapeExpr(list(_shape(c.ty))), str(c.ty.dtype), relax.prim_value(0))))
+            if k in kernel_at:
+                root, off = kernel_at[k]
+                call = b.value
+                view = relax.Var(b.var.name + "_view", b.var.ty)
+                new.append(relax.VarBinding(view, relax.op.memory.view(
+                    storage[root], relax.ShapeExpr(list(_shape(b.var.ty))),
+                    relative_byte_offset=relax.prim_value(tirx.IntImm("int64", off)))))
+                args = [*call.args[1].fields, view]
+                new.append(relax.VarBinding(b.var, relax.call_tir_inplace(
+                    call.args[0], args, inplace_indices=[len(args) - 1], out_ty=b.var.ty)))
+                producers.add(call.args[0])
+            elif k in self.nested_in:
+                new.append(relax.VarBinding(b.var, relax.op.memory.view(
+                    storage[self._root(k)], relax.ShapeExpr(list(_shape(b.var.ty))),
+                    relative_byte_offset=relax.prim_value(tirx.IntImm("int64", 0)))))
+            elif k in self.plans:
+                new.append(relax.VarBinding(b.var, storage[k]))
+            else:
+                new.append(b)
+        return new, producers
+
+
 def rewrite(mod):
     """The module with every qualifying concat's pieces written in place (see the module
     docstring); returns ``(module, concats rewritten)``."""
-    import tvm
-    from tvm import relax, tirx
+    from tvm import relax
 
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     done = 0
     offset_funcs: dict = {}  # producer GlobalVar -> its offset-output version (None: cannot)
     in_place: set = set()  # the producers some concat now runs in place
@@ -126,82 +295,15 @@ def rewrite(mod):
             if isinstance(block, relax.DataflowBlock):
                 blocks.append(block)
                 continue
-            bindings = list(block.bindings)
-            where = {b.var: i for i, b in enumerate(bindings)}
-            plans = {}  # index of the concat binding -> pieces [(index of producer binding, offset)]
-            claimed: set[int] = set()
-            for i, b in enumerate(bindings):
-                v = b.value
-                if not (isinstance(b, relax.VarBinding) and isinstance(v, relax.Call) and v.op.same_as(call_tir)
-                        and len(v.args) == 2 and _CONCAT_NAME.match(v.args[0].name_hint)):
-                    continue
-                pieces = list(v.args[1].fields)
-                out_shape = _shape(b.var.ty)
-                shapes = [_shape(p.ty) if isinstance(p, relax.Var) else None for p in pieces]
-                if out_shape is None or any(s is None for s in shapes) or len(set(pieces)) != len(pieces):
-                    continue
-                axis = _concat_axis(shapes, out_shape)
-                if axis is None:
-                    continue
-                itemsize = tvm.runtime.DataType(str(b.var.ty.dtype)).bits // 8
-                inner = math.prod(out_shape[axis + 1:]) * itemsize
-                plan, offset = [], 0
-                for p, s in zip(pieces, shapes):
-                    j = where.get(p)
-                    # through plain aliases (``lv2 = lv15``, left by ToNonDataflow), each used once
-                    while (j is not None and isinstance(bindings[j].value, relax.Var) and uses.get(p, 0) == 1):
-                        p = bindings[j].value
-                        j = where.get(p)
-                    pv = bindings[j].value if j is not None else None
-                    if (j is None or j >= i or j in claimed or uses.get(p, 0) != 1 or not isinstance(pv, relax.Call)
-                            or not pv.op.same_as(call_tir) or len(pv.args) != 2
-                            or not isinstance(pv.args[0], tvm.ir.GlobalVar)):
-                        plan = None
-                        break
-                    producer = pv.args[0]
-                    if producer not in offset_funcs:
-                        pf = mod[producer]
-                        offset_funcs[producer] = with_offset_output(pf) if isinstance(pf, tirx.PrimFunc) else None
-                    if offset_funcs[producer] is None:
-                        plan = None
-                        break
-                    plan.append((j, offset, producer))
-                    offset += s[axis] * inner
-                if plan:
-                    plans[i] = [(j, off) for j, off, _ in plan]
-                    claimed.update(j for j, _, _ in plan)
-                    in_place.update(pr for _, _, pr in plan)
-            if not plans:
+            blk = _Block(mod, list(block.bindings), uses, offset_funcs)
+            blk.plan()
+            new, producers = blk.rewritten()
+            if new is None:
                 blocks.append(block)
                 continue
-            # the concat's output is allocated before its first piece is computed
-            first_piece = {min(j for j, _ in plan): i for i, plan in plans.items()}
-            piece_of = {j: (i, off) for i, plan in plans.items() for j, off in plan}
-            out_vars = {}
-            new = []
-            for k, b in enumerate(bindings):
-                if k in first_piece:
-                    c = bindings[first_piece[k]].var
-                    buf = relax.Var(c.name + "_storage", c.ty)
-                    out_vars[first_piece[k]] = buf
-                    new.append(relax.VarBinding(buf, relax.op.builtin.alloc_tensor(
-                        relax.ShapeExpr(list(_shape(c.ty))), str(c.ty.dtype), relax.prim_value(0))))
-                if k in piece_of:
-                    i, off = piece_of[k]
-                    call = b.value
-                    view = relax.Var(b.var.name + "_view", b.var.ty)
-                    new.append(relax.VarBinding(view, relax.op.memory.view(
-                        out_vars[i], relax.ShapeExpr(list(_shape(b.var.ty))),
-                        relative_byte_offset=relax.prim_value(tirx.IntImm("int64", off)))))
-                    args = [*call.args[1].fields, view]
-                    new.append(relax.VarBinding(b.var, relax.call_tir_inplace(
-                        call.args[0], args, inplace_indices=[len(args) - 1], out_ty=b.var.ty)))
-                elif k in plans:
-                    new.append(relax.VarBinding(b.var, out_vars[k]))
-                    done += 1
-                else:
-                    new.append(b)
             blocks.append(relax.BindingBlock(new))
+            done += len(blk.plans)
+            in_place |= producers
             changed = True
         if changed:
             mod[gv] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
