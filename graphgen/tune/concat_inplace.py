@@ -91,8 +91,10 @@ def with_offset_output(func):
     if close < 0 or "offset_factor" in text[at:close]:
         return None
     try:
-        tvm.ir.assert_structural_equal(tvm.script.from_source(text), func)
         out = tvm.script.from_source(text[:close] + ", offset_factor=1" + text[close:])
+        # the round trip must reproduce the kernel: with the offset bound back to 0 (the
+        # original output buffer), it is the same function (one parse: they take 0.1-0.6 s)
+        tvm.ir.assert_structural_equal(out.specialize({out.params[-1]: func.params[-1]}), func)
     except Exception:  # noqa: BLE001 - not representable in TVMScript: leave the concat alone
         return None
     return out if isinstance(out, tvm.tirx.PrimFunc) else None
