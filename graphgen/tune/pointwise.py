@@ -50,7 +50,6 @@ def pointwise_conv2d_te(data, weight, k_out: int):
     from tvm import te, tirx
 
     n_b, c_in, h, w = (int(x) for x in data.shape)
-    k_pad = int(weight.shape[0])
     p_real = h * w
     p_pad = -(-p_real // P_QUANTUM) * P_QUANTUM
     if p_pad == p_real:
@@ -64,10 +63,21 @@ def pointwise_conv2d_te(data, weight, k_out: int):
 
         def x_at(n, c, p):
             return x_pad[n, c, p]
+    return _gemm_rows(x_at, weight, k_out, (n_b, c_in, p_pad), (h, w))
+
+
+def _gemm_rows(x_at, weight, k_out: int, dims, out_hw):
+    """The stages both kernels share: ``pointwise_gemm`` [N, K_pad, P_pad] over the rows
+    ``x_at(n, c, p)``, then ``pointwise_out`` [N, k_out, H, W] cropped from its rows."""
+    from tvm import te
+
+    n_b, c_in, p_pad = dims
+    out_h, out_w = out_hw
     rc = te.reduce_axis((0, c_in), name="rc")
-    gemm = te.compute((n_b, k_pad, p_pad), lambda n, k, p: te.sum(weight[k, rc] * x_at(n, rc, p), axis=rc),
-                      name="pointwise_gemm")
-    return te.compute((n_b, k_out, h, w), lambda n, k, y, x: gemm[n, k, y * w + x], name="pointwise_out")
+    gemm = te.compute((n_b, int(weight.shape[0]), p_pad),
+                      lambda n, k, p: te.sum(weight[k, rc] * x_at(n, rc, p), axis=rc), name="pointwise_gemm")
+    return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
+                      name="pointwise_out")
 
 
 def _strided_positions(h: int, w: int, strides, pads) -> tuple[int, int, int]:
@@ -85,7 +95,6 @@ def strided_conv2d_te(data, weight, k_out: int, strides, pads):
     from tvm import te, tirx
 
     n_b, c_in, h, w = (int(x) for x in data.shape)
-    k_pad = int(weight.shape[0])
     (sh, sw), (pt, pl, _, _) = strides, pads
     out_h, out_w, p_pad = _strided_positions(h, w, strides, pads)
     p_real = out_h * out_w
@@ -101,11 +110,7 @@ def strided_conv2d_te(data, weight, k_out: int, strides, pads):
                                               tirx.max(tirx.min(x, w - 1), 0)], zero)
 
     cols = te.compute((n_b, c_in, p_pad), column, name="pointwise_data_im2col")
-    rc = te.reduce_axis((0, c_in), name="rc")
-    gemm = te.compute((n_b, k_pad, p_pad), lambda n, k, p: te.sum(weight[k, rc] * cols[n, rc, p], axis=rc),
-                      name="pointwise_gemm")
-    return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
-                      name="pointwise_out")
+    return _gemm_rows(lambda n, c, p: cols[n, c, p], weight, k_out, (n_b, c_in, p_pad), (out_h, out_w))
 
 
 #: the largest subsampled input a strided kernel materializes (bytes); bigger convs keep the direct kernel
