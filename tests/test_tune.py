@@ -365,6 +365,45 @@ def test_default_schedules_cover_every_kernel_class_and_match_onnxruntime(tmp_pa
     assert c.ok, c.summary()
 
 
+def _split_add_model(c: int, hw: int):
+    """A channel split whose halves are added: two kernels with no reduction (split, add)."""
+    b = GraphBuilder(f"split_add_{c}_{hw}")
+    x = b.input("input", (1, c, hw, hw))
+    lo, hi = b.split(x, [c // 2, c // 2])
+    b.output(b.relu(b.add(lo, hi)), "out")
+    return b.build()
+
+
+def _parallel_loops(func) -> int:
+    return func.script().count("T.parallel(")
+
+
+@pytest.mark.parametrize("c, hw, parallel", [(16, 16, False), (64, 64, True)])
+def test_small_copies_and_elementwise_kernels_stay_on_one_thread(c, hw, parallel, tmp_path):
+    """Handing a parallel loop to a second thread costs microseconds: kernels of a few thousand
+    elements (ShuffleNetV2's splits) run serial, big ones parallel; both match onnxruntime."""
+    from tvm import tirx
+
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune.defaults import PARALLEL_MIN_ITERATIONS, isa_of, schedule_func
+    from graphgen.tune.pipeline import fuse
+
+    model = _split_add_model(c, hw)
+    spec = resolve_target("x86")
+    assert (c * hw * hw // 2 >= PARALLEL_MIN_ITERATIONS) == parallel
+    mod = fuse(import_onnx(model), spec.tvm_target())
+    kernels = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert kernels
+    for f in kernels:
+        scheduled, kind = schedule_func(f, isa_of(spec.tvm_target()))
+        assert kind == "generic"
+        assert (_parallel_loops(scheduled) > 0) == parallel, scheduled.script()
+    compile_model(model, spec, tmp_path / "m.so")
+    x = random_inputs(model)
+    c_ = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], 1e-5)
+    assert c_.ok, c_.summary()
+
+
 @pytest.mark.parametrize("target", ["arm", "avx512"])
 def test_default_schedules_compile_for_neon_and_avx512(tmp_path, target):
     from graphgen.compile.elf import check_elf

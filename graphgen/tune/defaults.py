@@ -222,6 +222,27 @@ def _schedule_pad(sch, main, isa):
 PARALLEL_GRAIN = 64
 
 
+#: loop nests with fewer iterations than this (elements of a copy or an elementwise pass) stay
+#: on one thread: handing work to another thread and waiting for it costs 2.2 us per parallel
+#: loop on this 2-core host (an empty 2-way parallel loop; 4 us while the host is busy), about
+#: what one thread needs for 32K elements of a copy. ShuffleNetV2 ran 226 parallel loops per
+#: inference, most of them its channel splits and shuffles of 10-90K elements; 87 with this.
+PARALLEL_MIN_ITERATIONS = 32768
+
+
+def _iterations(sch, loops) -> int:
+    n = 1
+    for lp in loops:
+        n *= _int(sch.get(lp).extent)
+    return n
+
+
+def _copy_parallel(sch, block, loop) -> None:
+    """``loop`` (of ``block``, a copy) parallel when the copy is big enough to share."""
+    if _iterations(sch, sch.get_loops(block)) >= PARALLEL_MIN_ITERATIONS:
+        sch.parallel(loop)
+
+
 def _parallel_vectorize(sch, block, isa, min_parallel: int = 2):
     """Outer spatial loops fused and parallel (just enough of them for PARALLEL_GRAIN
     iterations), the innermost loop vectorized when it is spatial and a whole vector.
@@ -239,6 +260,7 @@ def _parallel_vectorize(sch, block, isa, min_parallel: int = 2):
     if n_spatial == 0:
         return
     loops = list(loops)
+    work = _iterations(sch, loops)
     inner = None
     if n_spatial == len(kinds):
         ext = _int(sch.get(loops[-1]).extent)
@@ -248,6 +270,11 @@ def _parallel_vectorize(sch, block, isa, min_parallel: int = 2):
             o, inner = sch.split(loops[-1], factors=[None, v])
             loops[-1] = o
     outer = loops[:n_spatial]
+    if work < PARALLEL_MIN_ITERATIONS:
+        # too little work to share: one thread does it sooner than it can hand half to another
+        if inner is not None:
+            sch.vectorize(inner)
+        return
     take, prod = [], 1
     for lp in outer[:-1] if len(outer) > 1 else outer:
         take.append(lp)
@@ -479,7 +506,7 @@ def _depthwise_channel_blocked(sch, main, tail, isa, dims, outputs, knobs: Knobs
         pn, pc, ph, pw = sch.get_loops(pad)
         pc_o, pc_i = sch.split(pc, factors=[None, vk])
         sch.reorder(pn, pc_o, ph, pw, pc_i)
-        sch.parallel(sch.fuse(pn, pc_o, ph))
+        _copy_parallel(sch, pad, sch.fuse(pn, pc_o, ph))
         sch.vectorize(pc_i)
     tiles = []
     for wb in sorted((d for d in _divisors(w) if d <= min(12, isa.accumulators - 1)), reverse=True):
@@ -800,7 +827,7 @@ def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
     pn, pc, py, px = sch.get_loops(pad)
     pc_o, pc_i = sch.split(pc, factors=[None, vc])
     sch.reorder(pn, pc_o, py, px, pc_i)
-    sch.parallel(sch.fuse(pn, pc_o, py))
+    _copy_parallel(sch, pad, sch.fuse(pn, pc_o, py))
     sch.vectorize(pc_i)
 
     # data pack: per (tile, channel block, tile row) the row pass into a few registers, then the
@@ -878,7 +905,7 @@ def schedule_generic(sch, isa, outputs):
         if "R" in kinds:
             loops = sch.get_loops(b)
             n_sp = len(kinds) - len(kinds.lstrip("S"))
-            if len(loops) == len(kinds) and n_sp:
+            if len(loops) == len(kinds) and n_sp and _iterations(sch, loops) >= PARALLEL_MIN_ITERATIONS:
                 fused = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
                 if _int(sch.get(fused).extent) >= 2:
                     sch.parallel(fused)

@@ -62,6 +62,7 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, 
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp
 
+    from graphgen.tune import fold_constant_calls
     from graphgen.tune.winograd import legalize_map
 
     with target:
@@ -74,6 +75,7 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, 
             # the other convs and every other op as TVM's
             relax.transform.LegalizeOps(customize_legalize_map=legalize_map(winograd, pointwise)),
             relax.transform.AnnotateTIROpPattern(),
+            fold_constant_calls.pass_(),  # one build for all calls on constants, see there
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
@@ -167,14 +169,16 @@ def finish(mod, target, stats: ScheduleStats | None = None, concat_in_place: boo
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp
 
-    from graphgen.tune import concat_inplace
+    from graphgen.tune import concat_inplace, fold_constant_calls
 
     counted: dict = {}
     with target:
         mod = _split_layout_rewrite(mod)
         mod = tvm.transform.Sequential([
+            # the repacking calls evaluated with one build (FoldConstant would build each alone)
+            fold_constant_calls.pass_(),
             relax.transform.FoldConstant(),
-            # the repacking kernels ran in FoldConstant and the kernels SplitLayoutRewritePreproc
+            # the repacking kernels ran above and the kernels SplitLayoutRewritePreproc
             # replaced are no longer called: without this they stay in the library (measured:
             # SqueezeNet armv7, 36 dead kernels beside 26 live ones)
             relax.transform.DeadCodeElimination(),

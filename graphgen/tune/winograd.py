@@ -256,5 +256,17 @@ def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool |
 def legalize_map(mode: str | None = None, pointwise_kernels: bool | None = None) -> dict:
     """LegalizeOps' ``customize_legalize_map`` for Winograd ``mode`` (see :func:`resolve_mode`)
     and pointwise kernels on or off (None: the environment's)."""
+    import tvm
+
+    from graphgen.tune import conv_transpose
+
     mode = resolve_mode(mode)
-    return {"relax.nn.conv2d": lambda bb, call: legalize_conv2d(bb, call, mode, pointwise_kernels)}
+    tvm_conv_transpose = tvm.ir.Op.get("relax.nn.conv2d_transpose").get_attr("FLegalize")
+
+    def conv(bb, call):
+        return legalize_conv2d(bb, call, mode, pointwise_kernels)
+
+    # transposed convs: a stride-1 conv over their phases (graphgen.tune.conv_transpose), given
+    # the conv kernels above
+    return {"relax.nn.conv2d": conv,
+            "relax.nn.conv2d_transpose": lambda bb, call: conv_transpose.legalize(bb, call, conv, tvm_conv_transpose)}
