@@ -9,8 +9,9 @@ has two rounds of them: the bias reshapes and other constant expressions of the 
 compile (CI's opt-level 0) went to building them, and as much again for its aarch64 build.
 
 Here every such call is evaluated from one library holding all the kernels called (built at
-LLVM opt-level 0, see :func:`fold`), and replaced by its result; ``FoldConstant`` afterwards has nothing left to build but what the folding
-itself makes constant.
+LLVM opt-level 0, see :func:`fold`), and replaced by its result; ``FoldConstant`` afterwards has
+nothing left to build but what the folding itself makes constant. Should that library fail to
+build, the module is left as it was and ``FoldConstant`` does all of it, as before.
 """
 
 from __future__ import annotations
@@ -94,11 +95,14 @@ def fold(mod):
     # opt-level 3 + link 8.6 s; fetching the functions from the JIT-compiled module instead of
     # linking them, 27 ms per function at either level (8.5 s).
     host = tvm.target.Target({"kind": "llvm", "opt-level": 0})
-    built = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in kernels.items()}), target=host)
-    with tempfile.TemporaryDirectory(prefix="graphgen-fold-") as tmp:
-        path = Path(tmp) / "constants.so"
-        built.export_library(str(path), fcompile=make_fcompile(str(host.attrs["mtriple"])))
-        lib = tvm.runtime.load_module(str(path))
+    try:
+        built = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in kernels.items()}), target=host)
+        with tempfile.TemporaryDirectory(prefix="graphgen-fold-") as tmp:
+            path = Path(tmp) / "constants.so"
+            built.export_library(str(path), fcompile=make_fcompile(str(host.attrs["mtriple"])))
+            lib = tvm.runtime.load_module(str(path))
+    except Exception:  # noqa: BLE001 - a speed-up only: FoldConstant evaluates them one by one instead
+        return mod
     values = {}
     for call, gv in calls.items():
         outs = [tvm.runtime.empty([int(d) for d in t.shape], str(t.dtype), tvm.cpu())
@@ -114,8 +118,9 @@ def fold(mod):
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             out[gv] = replace.visit_expr(func)
-    # the mutator object outlives this call (TVM keeps it): without this it would keep every
-    # folded weight alive (measured: ResNet-50's compiles grew the process by 0.2 GB each)
+    # nothing of this call may keep the folded weights alive: a mutator class defined in here,
+    # its closure holding them, leaked every build's (ResNet-50's compiles grew the process by
+    # 0.2 GB each; an xdist worker ran out of memory)
     replace.values = {}
     values.clear()
     return out
