@@ -230,16 +230,17 @@ PARALLEL_GRAIN = 64
 PARALLEL_MIN_ITERATIONS = 32768
 
 
-def _iterations(sch, loops) -> int:
+def _worth_sharing(sch, loops) -> bool:
+    """Whether a loop nest has enough iterations to be run by more than one thread."""
     n = 1
     for lp in loops:
         n *= _int(sch.get(lp).extent)
-    return n
+    return n >= PARALLEL_MIN_ITERATIONS
 
 
 def _copy_parallel(sch, block, loop) -> None:
     """``loop`` (of ``block``, a copy) parallel when the copy is big enough to share."""
-    if _iterations(sch, sch.get_loops(block)) >= PARALLEL_MIN_ITERATIONS:
+    if _worth_sharing(sch, sch.get_loops(block)):
         sch.parallel(loop)
 
 
@@ -260,7 +261,7 @@ def _parallel_vectorize(sch, block, isa, min_parallel: int = 2):
     if n_spatial == 0:
         return
     loops = list(loops)
-    work = _iterations(sch, loops)
+    shared = _worth_sharing(sch, loops)
     inner = None
     if n_spatial == len(kinds):
         ext = _int(sch.get(loops[-1]).extent)
@@ -270,7 +271,7 @@ def _parallel_vectorize(sch, block, isa, min_parallel: int = 2):
             o, inner = sch.split(loops[-1], factors=[None, v])
             loops[-1] = o
     outer = loops[:n_spatial]
-    if work < PARALLEL_MIN_ITERATIONS:
+    if not shared:
         # too little work to share: one thread does it sooner than it can hand half to another
         if inner is not None:
             sch.vectorize(inner)
@@ -905,7 +906,7 @@ def schedule_generic(sch, isa, outputs):
         if "R" in kinds:
             loops = sch.get_loops(b)
             n_sp = len(kinds) - len(kinds.lstrip("S"))
-            if len(loops) == len(kinds) and n_sp and _iterations(sch, loops) >= PARALLEL_MIN_ITERATIONS:
+            if len(loops) == len(kinds) and n_sp and _worth_sharing(sch, loops):
                 fused = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
                 if _int(sch.get(fused).extent) >= 2:
                     sch.parallel(fused)
