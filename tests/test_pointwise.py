@@ -25,6 +25,7 @@ CASES = {
     "whole_vectors_56": dict(c=24, k=144, h=56),               # 3136 positions: no padding stage
     "project_residual_7": dict(c=32, k=32, h=7, residual=True, act=False),
     "shufflenet_58": dict(c=58, k=58, h=28),                   # GEMM rows padded to 60
+    "shufflenet_232_7": dict(c=40, k=232, h=7),                # rows padded to 240: 6-channel blocks
     "padded_rows_wide_112": dict(c=8, k=30, h=112),            # 32 rows: no fused single pass
     "batch2_rect_nobias": dict(c=16, k=24, h=10, w=6, batch=2, bias=False),
 }
@@ -90,7 +91,12 @@ def test_wrong_weights_are_caught(tmp_path, monkeypatch):
     """The comparison can fail: the kernel built from slightly different weights."""
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
     real = pointwise._facts
-    monkeypatch.setattr(pointwise, "_facts", lambda call: None if real(call) is None else real(call) * np.float32(1.001))
+
+    def scaled(call):
+        facts = real(call)
+        return None if facts is None else (facts[0] * np.float32(1.001), facts[1])
+
+    monkeypatch.setattr(pointwise, "_facts", scaled)
     kinds, c = _check(_model(c=32, k=32, h=14), tmp_path)
     assert kinds == {"pointwise conv2d": 1}
     assert not c.ok
@@ -112,10 +118,14 @@ def test_pointwise_kernels_compile_for_neon_and_avx512(target, tmp_path, monkeyp
 def test_gemm_rows_are_padded_with_zeros_to_whole_channel_blocks():
     import numpy as np
 
-    from graphgen.tune.pointwise import K_QUANTUM, pad_rows
+    from graphgen.tune.pointwise import K_QUANTUM, pad_rows, padded_rows
 
     w = np.arange(58 * 3, dtype=np.float32).reshape(58, 3)
     p = pad_rows(w)
     assert p.shape == (60, 3) and p.shape[0] % K_QUANTUM == 0
     assert np.array_equal(p[:58], w) and not p[58:].any()
-    assert pad_rows(w[:56]).shape == (56, 3)
+    assert pad_rows(w[:56]).shape == (56, 3)  # 60 would waste 4 of 56 rows
+    # 6-channel blocks where a multiple of 12 wastes at most 1/25 of the rows
+    assert [padded_rows(k) for k in (1024, 1000, 232, 116, 96, 160, 64, 16, 30)] == \
+        [1032, 1008, 240, 120, 96, 160, 64, 16, 32]
+    assert padded_rows(1024, wide=False) == 1024 and padded_rows(1000, wide=False) == 1000
