@@ -84,9 +84,14 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, 
 
 
 def extract_tasks(fused_mod, target):
+    """MetaSchedule's tuning tasks: every fused kernel but graphgen's hand-written ones
+    (``tirx.is_scheduled``, e.g. :mod:`graphgen.tune.max_pool_stride2`), which no search changes."""
+    from tvm import tirx
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.relax_integration.extract_tasks(fused_mod, target, module_equality="structural")
+    tasks = ms.relax_integration.extract_tasks(fused_mod, target, module_equality="structural")
+    return [t for t in tasks
+            if not any(isinstance(f, tirx.PrimFunc) and _is_scheduled(f) for f in t.dispatched[0].functions.values())]
 
 
 @dataclass

@@ -258,7 +258,7 @@ def legalize_map(mode: str | None = None, pointwise_kernels: bool | None = None)
     and pointwise kernels on or off (None: the environment's)."""
     import tvm
 
-    from graphgen.tune import conv_transpose
+    from graphgen.tune import conv_transpose, max_pool_stride2
 
     mode = resolve_mode(mode)
     tvm_conv_transpose = tvm.ir.Op.get("relax.nn.conv2d_transpose").get_attr("FLegalize")
@@ -266,7 +266,9 @@ def legalize_map(mode: str | None = None, pointwise_kernels: bool | None = None)
     def conv(bb, call):
         return legalize_conv2d(bb, call, mode, pointwise_kernels)
 
+    tvm_max_pool = tvm.ir.Op.get("relax.nn.max_pool2d").get_attr("FLegalize")
     # transposed convs: a stride-1 conv over their phases (graphgen.tune.conv_transpose), given
-    # the conv kernels above
+    # the conv kernels above; 3x3 / stride-2 max pools: graphgen's vectorized kernel
     return {"relax.nn.conv2d": conv,
-            "relax.nn.conv2d_transpose": lambda bb, call: conv_transpose.legalize(bb, call, conv, tvm_conv_transpose)}
+            "relax.nn.conv2d_transpose": lambda bb, call: conv_transpose.legalize(bb, call, conv, tvm_conv_transpose),
+            "relax.nn.max_pool2d": lambda bb, call: max_pool_stride2.legalize(bb, call, tvm_max_pool)}
