@@ -119,3 +119,19 @@ def test_the_kernel_writes_nothing_past_its_output(geometry):
         for dx in range(3):
             want = np.maximum(want, padded[:, :, dy:dy + 2 * out_hw[0]:2, dx:dx + 2 * out_hw[1]:2])
     assert np.array_equal(got[:n_out].reshape(want.shape), want)
+
+
+def test_with_a_database_the_kernel_counts_as_a_default_schedule(tmp_path, monkeypatch):
+    """The manifest's counts add up with a tuning database too (the kernel is scheduled as
+    written, not a database record)."""
+    from graphgen.compile import compile_model
+    from graphgen.tune import database as dbm
+    from graphgen.tune.pipeline import tuning_target_json
+
+    monkeypatch.delenv("GRAPHGEN_POOL_SHUFFLES", raising=False)
+    spec = resolve_target("x86")
+    dbm.create(tmp_path / "db", tuning_target_json(spec))
+    info = compile_model(_pool_model(**CASES["shufflenet_pad1"]), spec, tmp_path / "m.so", database=tmp_path / "db")
+    s = info["schedules"]
+    assert s["pipeline"] == "graphgen" and s["default_schedule_kinds"].get(KIND) == 1, s
+    assert s["from_database"] == 0 and s["plain_lowering"] == 0 and s["default_schedule"] == s["kernels"], s

@@ -153,6 +153,27 @@ def test_database_from_another_tvm_version_is_set_aside(tmp_path):
     assert not path.exists()
 
 
+def test_database_made_with_other_default_schedules_is_set_aside(tmp_path):
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    meta = json.loads((path / dbm.META).read_text())
+    assert meta["schedules"] == dbm.schedules_fingerprint()
+    meta["schedules"] = "0123456789ab"
+    (path / dbm.META).write_text(json.dumps(meta))
+    msgs = []
+    assert dbm.open_database(path, TARGET, create_missing=False, report=msgs.append) is None
+    assert len(msgs) == 1 and "default schedules" in msgs[0] and "0123456789ab" in msgs[0], msgs
+    assert not path.exists() and any(p.name.startswith("db.set-aside-") for p in tmp_path.iterdir())
+
+
+def test_schedules_fingerprint_follows_the_code_not_its_comments():
+    src = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    same = '# header\ndef f(x):\n    """Another doc."""\n    return x + 1\n'
+    other = 'def f(x):\n    """Doc."""\n    return x + 2\n'
+    assert dbm._code_fingerprint(src) == dbm._code_fingerprint(same)
+    assert dbm._code_fingerprint(src) != dbm._code_fingerprint(other)
+
+
 def test_database_tvm_cannot_load_is_set_aside(tmp_path):
     path = tmp_path / "db"
     dbm.create(path, TARGET)

@@ -3,7 +3,7 @@
 Layout of a database folder (TVM's own ``JSONDatabase`` files plus a header of ours)::
 
     <cache>/tuning/<target-key>/
-        meta.json                    graphgen format, TVM version, the target it was tuned for
+        meta.json                    graphgen format, TVM version, default schedules, the target
         database_workload.json       one line per workload: [structural hash, IRModule]
         database_tuning_record.json  one line per measured trial: [workload index, record]
 
@@ -16,9 +16,10 @@ workload key is TVM's structural hash of the fused kernel, so a record tuned whi
 one model is picked up by the build of any other model that has the same kernel.
 
 A database that cannot be trusted (unparsable lines, a TVM or format version other than
-this one, records for another target) is reported in one line and moved aside to
-``<folder>.set-aside-<time>``; the build then goes on without it. A half-written last line
-(the process was killed while appending) is the one damage repaired in place.
+this one, other default schedules (:func:`schedules_fingerprint`), records for another
+target) is reported in one line and moved aside to ``<folder>.set-aside-<time>``; the build
+then goes on without it. A half-written last line (the process was killed while appending) is
+the one damage repaired in place.
 """
 
 from __future__ import annotations
@@ -67,6 +68,38 @@ def tvm_version() -> str:
     import tvm
 
     return str(tvm.__version__)
+
+
+def _code_fingerprint(source: str) -> str:
+    """12 hex digits of a Python source's code: its syntax tree without docstrings, so comments
+    and docstrings do not count."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:12]
+
+
+def schedules_fingerprint() -> str:
+    """What graphgen's default schedules are (:mod:`graphgen.tune.defaults`, its code).
+
+    A record's trace replays the schedule decisions of the graphgen that measured it: the
+    default schedule and the knob settings of that time. After the defaults change (a better
+    tile, another parallel threshold) those records would still win at build time, measured
+    against defaults that no longer exist, and keep the old decisions; so a database belongs to
+    one version of the defaults, like one TVM version.
+    """
+    from graphgen.tune import defaults
+
+    try:
+        return _code_fingerprint(Path(defaults.__file__).read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError):  # no source to read: the check cannot
+        return "unknown"  # tell, and passes
 
 
 @dataclass
@@ -152,6 +185,10 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
         raise DatabaseProblem(f"database format {meta.get('format')!r}, this graphgen writes format {FORMAT}")
     if meta.get("tvm") != tvm_version():
         raise DatabaseProblem(f"tuned with TVM {meta.get('tvm')}, this is TVM {tvm_version()}")
+    if meta.get("schedules") != schedules_fingerprint():
+        raise DatabaseProblem(f"tuned with other default schedules (graphgen defaults "
+                              f"{meta.get('schedules') or 'unrecorded'}, these are {schedules_fingerprint()}): "
+                              f"its records replay the old schedules")
     if target_json is not None and meta.get("target") != json.loads(_canonical(target_json)):
         raise DatabaseProblem(f"tuned for target {_canonical(meta.get('target') or {})}, "
                               f"not {_canonical(target_json)}")
@@ -192,8 +229,8 @@ def set_aside(path: Path) -> Path:
 
 def create(path: Path, target_json: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "tvm": tvm_version(), "target": json.loads(_canonical(target_json)),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta = {"format": FORMAT, "tvm": tvm_version(), "schedules": schedules_fingerprint(),
+            "target": json.loads(_canonical(target_json)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = path / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     tmp.replace(path / META)

@@ -97,7 +97,8 @@ def max_pool_func(shape, out_hw, pad_top: int, pad_left: int, parallel: bool = T
     # acc / scalar: global scope and under 1 KB, so on the stack (a "local" buffer would be a
     # workspace allocation per parallel iteration in TVM 0.27)
     @T.prim_func(private=True, s_tir=True)
-    def max_pool2d_stride2(x: T.Buffer((n_b, c_in, h, w), "float32"), y: T.Buffer((n_b, c_in, out_h, out_w), "float32")):
+    def max_pool2d_stride2(x: T.Buffer((n_b, c_in, h, w), "float32"),
+                           y: T.Buffer((n_b, c_in, out_h, out_w), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE, "graphgen.kind": KIND})
         acc = T.sblock_alloc_buffer((lanes,), "float32")
         scalar = T.sblock_alloc_buffer((1,), "float32")
