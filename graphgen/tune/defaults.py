@@ -1013,6 +1013,13 @@ def has_layout_rewrite(func) -> bool:
         return False
 
 
+def hand_written_kind(func) -> str | None:
+    """The class of one of graphgen's kernels written in TIR (:mod:`graphgen.tune.max_pool_stride2`),
+    which are scheduled as written and counted with the default schedules; None for any other."""
+    kind = func.attrs.get("graphgen.kind") if func.attrs is not None else None
+    return None if kind is None else str(kind)
+
+
 def apply_default_schedules(mod, target, stats, isa: Isa | None = None):
     """Schedule every fused kernel not yet scheduled (e.g. by the tuning database), sized for
     ``isa`` (default: the target's)."""
@@ -1024,10 +1031,10 @@ def apply_default_schedules(mod, target, stats, isa: Isa | None = None):
         if not isinstance(func, tirx.PrimFunc):
             continue
         if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            kind = func.attrs.get("graphgen.kind")
-            if kind is not None:  # one of graphgen's hand-written kernels (max_pool_stride2)
+            kind = hand_written_kind(func)
+            if kind is not None:
                 stats.default += 1
-                stats.kinds[str(kind)] = stats.kinds.get(str(kind), 0) + 1
+                stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
             continue
         try:
             new, kind = schedule_func(func, isa)

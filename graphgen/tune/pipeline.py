@@ -120,12 +120,6 @@ def _is_scheduled(func) -> bool:
     return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 
 
-def _hand_written(func) -> bool:
-    """One of graphgen's kernels written in TIR (:mod:`graphgen.tune.max_pool_stride2`): scheduled
-    as written, counted with the default schedules."""
-    return func.attrs is not None and func.attrs.get("graphgen.kind") is not None
-
-
 def schedule_kernels(mod, target, database=None, default_schedules: bool = True, stats: ScheduleStats | None = None,
                      isa=None):
     """Give every fused kernel a schedule: the database's best, else graphgen's default.
@@ -135,6 +129,8 @@ def schedule_kernels(mod, target, database=None, default_schedules: bool = True,
     """
     from tvm import relax, tirx
 
+    from graphgen.tune.defaults import hand_written_kind
+
     stats = stats if stats is not None else ScheduleStats()
     funcs = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
     stats.kernels = len(funcs)
@@ -142,7 +138,7 @@ def schedule_kernels(mod, target, database=None, default_schedules: bool = True,
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         stats.from_database = sum(1 for _, f in mod.functions.items()
-                                  if isinstance(f, tirx.PrimFunc) and _is_scheduled(f) and not _hand_written(f))
+                                  if isinstance(f, tirx.PrimFunc) and _is_scheduled(f) and hand_written_kind(f) is None)
     if default_schedules:
         from graphgen.tune.defaults import apply_default_schedules
 
