@@ -166,6 +166,58 @@ def test_database_made_with_other_default_schedules_is_set_aside(tmp_path):
     assert not path.exists() and any(p.name.startswith("db.set-aside-") for p in tmp_path.iterdir())
 
 
+def test_database_timed_another_way_is_set_aside(tmp_path):
+    """Records timed on warm caches (before the timing flushed them) do not compare with new ones."""
+    path = tmp_path / "db"
+    dbm.create(path, TARGET)
+    meta = json.loads((path / dbm.META).read_text())
+    assert meta["timing"] == dbm.timing()
+    del meta["timing"]  # a database made before the timing was recorded
+    (path / dbm.META).write_text(json.dumps(meta))
+    msgs = []
+    assert dbm.open_database(path, TARGET, create_missing=False, report=msgs.append) is None
+    assert len(msgs) == 1 and "timed with warm caches" in msgs[0] and dbm.timing() in msgs[0], msgs
+
+
+def _record_line(workload: int, trace: str, seconds: float) -> str:
+    return json.dumps([workload, [[[trace]], [seconds], {"kind": "llvm"}, []]])
+
+
+def _two_workload_db(path):
+    """Workload 0 has three records of two schedules ("fast" timed once at 1 us, "slow" at
+    2 us and 3 us); workload 1 has one record."""
+    dbm.create(path, TARGET)
+    (path / dbm.WORKLOADS).write_text('["111", "bW9k"]\n["222", "bW9k"]\n')
+    lines = [_record_line(0, "fast", 1e-6), _record_line(0, "slow", 2e-6), _record_line(1, "other", 5e-6),
+             _record_line(0, "slow", 3e-6)]
+    (path / dbm.RECORDS).write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_a_build_keeps_only_the_chosen_schedules_records_while_the_choice_holds(tmp_path):
+    path = tmp_path / "db"
+    lines = _two_workload_db(path)
+    info = dbm.inspect(path)
+    assert [k for _, k, _ in info.lines][1] == [k for _, k, _ in info.lines][3]  # one key per schedule
+    assert dbm.build_record_bytes(info) == info.record_bytes  # no choices: every record
+    # the re-timing chose "slow" (line 1) among workload 0's three records
+    dbm.write_choices(path, {"111": {"line": 1, "records": 3, "seconds": 2e-6}})
+    info = dbm.inspect(path)
+    assert info.chosen_key("111") == info.lines[1][1] and info.chosen_key("222") is None
+    kept = dbm.build_record_bytes(info).decode().splitlines()
+    assert kept == [lines[1], lines[2], lines[3]]  # "fast" dropped, workload 1 untouched
+    # a record added since the choice (a run that stopped before choosing): all records again
+    (path / dbm.RECORDS).write_text("\n".join(lines + [_record_line(0, "new", 0.5e-6)]) + "\n")
+    info = dbm.inspect(path)
+    assert info.chosen_key("111") is None and dbm.build_record_bytes(info) == info.record_bytes
+    # a choice naming another workload's line, or a line past the end, or an unreadable file: ignored
+    for bad in ({"111": {"line": 2, "records": 4}}, {"111": {"line": 40, "records": 4}}):
+        dbm.write_choices(path, bad)
+        assert dbm.inspect(path).chosen_key("111") is None
+    (path / dbm.CHOICES).write_text("{not json")
+    assert dbm.inspect(path).choices == {}
+
+
 def test_schedules_fingerprint_follows_the_code_not_its_comments():
     src = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
     same = '# header\ndef f(x):\n    """Another doc."""\n    return x + 1\n'
@@ -263,7 +315,8 @@ def test_tune_interrupt_resume_and_every_later_build_reuses_the_database(cache, 
     assert first.interrupted and first.trials_run == n and first.trials_total == n and first.covered == n
     assert first.database == dbm.default_db_path("x86", {**spec.tvm_json, "num-cores": first.target["num-cores"]})
     defaults = {p["name"]: p["best_us"] for p in first.per_task}
-    second = tune_onnx(model, spec, trials=12, batch=2)
+    said = []
+    second = tune_onnx(model, spec, trials=12, batch=2, report=said.append)
     assert not second.interrupted
     assert second.trials_run >= 12 - n and second.trials_total >= 12  # resumed, not restarted
     assert second.trials_run < 12 - n + 2  # within one batch of the budget
@@ -272,7 +325,14 @@ def test_tune_interrupt_resume_and_every_later_build_reuses_the_database(cache, 
     assert all(p["best_us"] <= defaults[p["name"]] for p in second.per_task)
     assert all(p["best_us"] is not None and p["best_us"] > 0 for p in second.per_task)
     assert second.estimated_ms_after is not None and math.isfinite(second.estimated_ms_after)
-    # nothing left to do: the budget is already in the database
+    # the run ends by timing each kernel's fastest schedules again and choosing by those times
+    assert any(m.startswith("timing again the ") for m in said), said
+    info = dbm.inspect(second.database)
+    chosen = {h for h in info.choices if info.chosen_key(h)}
+    assert chosen and all(info.lines[c["line"]][0] == h for h, c in info.choices.items())
+    # a chosen record is what a build's database answers, even where it is not the fastest timing
+    _assert_builds_take_the_chosen_records(second.database, spec, model, info, chosen)
+    # nothing left to do: the budget is already in the database, and the choices are made
     third = tune_onnx(model, spec, trials=second.trials_total)
     assert third.trials_run == 0
 
@@ -281,10 +341,49 @@ def test_tune_interrupt_resume_and_every_later_build_reuses_the_database(cache, 
     assert res.manifest["verification"]["status"] == "passed"
     assert t["status"] == "database" and t["records_used"] == t["kernels"] == n
     assert t["database"] == str(first.database) and t["database_records"] == second.trials_total
+    assert t["database_choices"] == len(chosen)
 
     # --tune in the build: budget already met, the manifest records the (empty) run
     res = api.build(str(tiny_onnx), "x86", out=tmp_path / "built2", tune=True, trials=second.trials_total)
     assert res.manifest["tuning"]["status"] == "tuned" and res.manifest["tuning"]["trials"]["trials_run"] == 0
+
+
+def _assert_builds_take_the_chosen_records(path, spec, model, info, chosen):
+    """For every kernel with a choice, point it at its slowest record instead; the database a
+    build opens must then answer that record, not the fastest."""
+    import tvm
+
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune import pipeline
+
+    target_json = json.loads((path / dbm.META).read_text())["target"]
+    target = tvm.target.Target(target_json)
+    tasks = pipeline.extract_tasks(pipeline.fuse(import_onnx(model), target), target)
+    slowest = {}
+    for h in chosen:
+        mine = [(med, line) for line, (wh, _, med) in enumerate(info.lines) if wh == h and med < 1e9]
+        slowest[h] = max(mine)[1]
+    dbm.write_choices(path, {h: {**info.choices[h], "line": slowest[h]} for h in chosen})
+    try:
+        opened = dbm.open_database(path, target_json, create_missing=False, snapshot=True)
+        checked = 0
+        for t in tasks:
+            mod = t.dispatched[0]
+            h = dbm.workload_hash(mod)
+            if h not in chosen:
+                continue
+            rec = opened.tvm_db.query_tuning_record(mod, target, "main")
+            key = info.lines[slowest[h]][1]
+            allowed = {tuple(round(float(x), 12) for x in json.loads(text)[1][1])
+                       for text, (wh, k, _) in zip(info.record_texts, info.lines) if wh == h and k == key}
+            assert tuple(round(float(x), 12) for x in rec.run_secs) in allowed
+            checked += 1
+        assert checked == len(chosen)
+        # the check can fail: some kernel's slowest schedule is not its fastest one
+        fastest = {h: min((med, line) for line, (wh, _, med) in enumerate(info.lines) if wh == h)[1] for h in chosen}
+        assert any(info.lines[fastest[h]][1] != info.lines[slowest[h]][1] for h in chosen)
+    finally:
+        dbm.write_choices(path, info.choices)
 
 
 def test_rpc_tracker_measures_on_a_registered_server(cache, tiny_onnx, tmp_path):
@@ -313,7 +412,7 @@ def test_rpc_tracker_measures_on_a_registered_server(cache, tiny_onnx, tmp_path)
         res = tune_onnx(onnx.load(str(tiny_onnx)), resolve_target("x86"), trials=8, batch=2,
                         db=tmp_path / "rpcdb", rpc_tracker=addr, rpc_key="graphgen-test")
         # a default schedule per kernel, then MetaSchedule batches, all timed on the RPC server
-        assert res.runner.startswith("rpc") and res.trials_run >= 8 and res.trials_total == res.trials_run
+        assert res.runner.startswith("rpc") and res.trials_run >= 8 and res.trials_total == res.trials_run + res.retimed
         assert res.covered == res.tasks and all(p["best_us"] for p in res.per_task)
         assert any(p["trials"] > 1 for p in res.per_task)  # the search ran too
     finally:

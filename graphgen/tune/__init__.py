@@ -95,6 +95,7 @@ def manifest_section(build_info: dict, tune_result: TuneResult | None) -> dict:
            "plain_lowering": sched.get("plain_lowering")}
     if sched.get("database_records") is not None:
         out["database_records"] = sched["database_records"]
+        out["database_choices"] = sched.get("database_choices", 0)
     if sched.get("database_note"):
         out["note"] = sched["database_note"]
     if tune_result is not None:

@@ -3,9 +3,10 @@
 Layout of a database folder (TVM's own ``JSONDatabase`` files plus a header of ours)::
 
     <cache>/tuning/<target-key>/
-        meta.json                    graphgen format, TVM version, default schedules, the target
+        meta.json                    graphgen format, TVM version, default schedules, timing, the target
         database_workload.json       one line per workload: [structural hash, IRModule]
         database_tuning_record.json  one line per measured trial: [workload index, record]
+        chosen.json                  per workload, the record the tuner's final re-measurement chose
 
 ``<cache>`` is ``$GRAPHGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphgen``, else
 ``~/.cache/graphgen``. The target key names the target and its CPU and hashes the full
@@ -16,10 +17,19 @@ workload key is TVM's structural hash of the fused kernel, so a record tuned whi
 one model is picked up by the build of any other model that has the same kernel.
 
 A database that cannot be trusted (unparsable lines, a TVM or format version other than
-this one, other default schedules (:func:`schedules_fingerprint`), records for another
-target) is reported in one line and moved aside to ``<folder>.set-aside-<time>``; the build
+this one, other default schedules (:func:`schedules_fingerprint`), records timed another way
+(:data:`graphgen.tune.measure.TIMING`), records for another target) is reported in one line and moved aside to ``<folder>.set-aside-<time>``; the build
 then goes on without it. A half-written last line (the process was killed while appending) is
 the one damage repaired in place.
+
+Which record a build applies: TVM takes the fastest record of a workload. Each record is one
+timing, and the fastest of a hundred timings on a noisy host is mostly the luckiest (measured:
+SqueezeNet's default classifier kernel timed 1.63 ms in the tuner, 1.14 ms standalone, so a
+slower setting won). So the tuner ends by timing each workload's few fastest schedules again,
+side by side, and writes its choice to ``chosen.json``; a build keeps only the chosen schedule's
+records of that workload (:func:`build_record_bytes`). A choice holds while the workload has the
+records it was made among; records added since (another model's tuning that did not finish)
+make the build fall back to TVM's fastest record until a tuning run chooses again.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ FORMAT = 1
 META = "meta.json"
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+CHOICES = "chosen.json"
+CHOICES_VERSION = 1
 #: run time TVM writes for a trial that failed to build or run
 FAILED_SECONDS = 1e9
 
@@ -102,6 +114,14 @@ def schedules_fingerprint() -> str:
         return "unknown"  # tell, and passes
 
 
+def timing() -> str:
+    """How this graphgen times a trial (:data:`graphgen.tune.measure.TIMING`); records timed
+    another way do not compare with its own."""
+    from graphgen.tune.measure import TIMING
+
+    return TIMING
+
+
 @dataclass
 class WorkloadStats:
     """Trials recorded for one workload and the best measured run time."""
@@ -121,6 +141,24 @@ class DatabaseInfo:
     repaired: str | None = None
     workload_bytes: bytes = b""  # the complete lines, for a read-only snapshot
     record_bytes: bytes = b""
+    # per record line (blank lines skipped): its workload's hash, its trace's key, its median seconds
+    lines: list[tuple[str, str, float]] = field(default_factory=list)
+    record_texts: list[str] = field(default_factory=list)  # each record line as written
+    choices: dict[str, dict] = field(default_factory=dict)  # chosen.json: workload hash -> choice
+
+    def record_count(self, workload: str) -> int:
+        return self.stats[workload].trials if workload in self.stats else 0
+
+    def chosen_key(self, workload: str) -> str | None:
+        """The trace key of the record chosen for ``workload``, when the choice still holds: it
+        names a line of that workload and the workload has the records it was made among."""
+        c = self.choices.get(workload)
+        if not isinstance(c, dict) or not isinstance(c.get("line"), int) or not 0 <= c["line"] < len(self.lines):
+            return None
+        h, key, _ = self.lines[c["line"]]
+        if h != workload or c.get("records") != self.record_count(workload):
+            return None
+        return key
 
     @property
     def records(self) -> int:
@@ -131,8 +169,9 @@ class DatabaseProblem(Exception):
     """The folder is not a database this graphgen and TVM can use; the message says why (one line)."""
 
 
-def _read_lines(path: Path, what: str, repair: bool) -> tuple[list, str | None, bytes]:
-    """Parse a JSON-lines file -> (values, note, the complete lines' bytes).
+def _read_lines(path: Path, what: str, repair: bool, texts: list | None = None) -> tuple[list, str | None, bytes]:
+    """Parse a JSON-lines file -> (values, note, the complete lines' bytes); ``texts`` gets each
+    parsed line's text.
 
     The only damage accepted is an unfinished last line (no newline after it): a tuning run
     appending at this moment, or one killed mid-append. ``repair`` (only while holding the
@@ -152,6 +191,8 @@ def _read_lines(path: Path, what: str, repair: bool) -> tuple[list, str | None, 
             continue
         try:
             out.append(json.loads(line))
+            if texts is not None:
+                texts.append(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:  # no newline after it: the append has not finished
                 keep = i
@@ -189,6 +230,9 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
         raise DatabaseProblem(f"tuned with other default schedules (graphgen defaults "
                               f"{meta.get('schedules') or 'unrecorded'}, these are {schedules_fingerprint()}): "
                               f"its records replay the old schedules")
+    if meta.get("timing") != timing():
+        raise DatabaseProblem(f"its records were timed {meta.get('timing') or 'with warm caches'}, this graphgen "
+                              f"times {timing()}: the times do not compare")
     if target_json is not None and meta.get("target") != json.loads(_canonical(target_json)):
         raise DatabaseProblem(f"tuned for target {_canonical(meta.get('target') or {})}, "
                               f"not {_canonical(target_json)}")
@@ -198,7 +242,7 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
         if not (isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w)):
             raise DatabaseProblem(f"{WORKLOADS} line {i + 1} is not a [hash, module] pair")
         info.workloads.append(w[0])
-    records, rep2, info.record_bytes = _read_lines(path / RECORDS, RECORDS, repair)
+    records, rep2, info.record_bytes = _read_lines(path / RECORDS, RECORDS, repair, info.record_texts)
     for i, r in enumerate(records):
         if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
                 and len(r[1]) >= 2):
@@ -212,8 +256,47 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
         med = sorted(secs)[len(secs) // 2]
         if med < FAILED_SECONDS:
             st.best_seconds = min(st.best_seconds, med)
+        info.lines.append((info.workloads[r[0]], trace_key(r[1][0]), med))
+    info.choices = read_choices(path)
     info.repaired = rep1 or rep2
     return info
+
+
+def trace_key(trace_json) -> str:
+    """16 hex digits naming a record's schedule (its trace as JSON)."""
+    return hashlib.sha256(json.dumps(trace_json, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def read_choices(path: Path) -> dict[str, dict]:
+    """``chosen.json`` of a database folder; missing or unreadable: no choices (builds then
+    take TVM's fastest record, as before the file existed)."""
+    try:
+        d = json.loads((Path(path) / CHOICES).read_text())
+        if isinstance(d, dict) and d.get("version") == CHOICES_VERSION and isinstance(d.get("workloads"), dict):
+            return d["workloads"]
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def write_choices(path: Path, choices: dict[str, dict]) -> None:
+    tmp = Path(path) / (CHOICES + ".tmp")
+    tmp.write_text(json.dumps({"version": CHOICES_VERSION, "workloads": dict(sorted(choices.items()))}, indent=1))
+    tmp.replace(Path(path) / CHOICES)
+
+
+def build_record_bytes(info: DatabaseInfo) -> bytes:
+    """The record lines a build loads: for a workload with a choice that holds, only the
+    records of the chosen schedule; every record of the other workloads."""
+    keep = {}
+    for h in info.choices:
+        key = info.chosen_key(h)
+        if key is not None:
+            keep[h] = key
+    if not keep:
+        return info.record_bytes
+    out = [text for text, (h, key, _) in zip(info.record_texts, info.lines) if keep.get(h, key) == key]
+    return ("\n".join(out) + "\n").encode() if out else b""
 
 
 def set_aside(path: Path) -> Path:
@@ -229,7 +312,7 @@ def set_aside(path: Path) -> Path:
 
 def create(path: Path, target_json: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "tvm": tvm_version(), "schedules": schedules_fingerprint(),
+    meta = {"format": FORMAT, "tvm": tvm_version(), "schedules": schedules_fingerprint(), "timing": timing(),
             "target": json.loads(_canonical(target_json)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = path / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -337,7 +420,7 @@ def open_database(path: str | Path, target_json: dict, *, create_missing: bool =
                 tmp = Path(tempfile.mkdtemp(prefix="graphgen-db-"))
                 try:
                     (tmp / WORKLOADS).write_bytes(info.workload_bytes)
-                    (tmp / RECORDS).write_bytes(info.record_bytes)
+                    (tmp / RECORDS).write_bytes(build_record_bytes(info))
                     db = ms.database.JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=False,
                                                   module_equality="structural")
                 finally:

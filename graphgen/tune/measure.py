@@ -11,6 +11,14 @@ cross targets whose board loads the ``.so`` over RPC.
 Runner: MetaSchedule's ``LocalRunner`` (one long-lived worker process, so a candidate that
 crashes or hangs cannot take the tuner down) or its ``RPCRunner`` through a TVM RPC tracker
 for boards.
+
+Timing (:data:`DEFAULT_EVALUATOR`): each run starts with the kernel's weights and output
+flushed from the caches (TVM's ``cache_flush_cpu_non_first_arg``; the first argument, the
+input, is left in cache, where the previous kernel of a model leaves it). Back-to-back runs
+on hot caches ranked some schedules the wrong way round. Measured on SqueezeNet 1.1 (ms, two
+threads; warm -> flushed standalone; in the model): stem conv default 0.44 -> 0.44, 0.50;
+a searched schedule 0.48 -> 0.80, 0.92. The search picked the second on its warm timing and
+the tuned library was slower than the untuned one.
 """
 
 from __future__ import annotations
@@ -24,8 +32,12 @@ from pathlib import Path
 
 from graphgen.compile.targets import TargetSpec
 
-#: per-candidate timing: median of ``repeat`` runs, each at least ``min_repeat_ms`` long
-DEFAULT_EVALUATOR = {"number": 1, "repeat": 3, "min_repeat_ms": 40, "enable_cpu_cache_flush": False}
+#: per-candidate timing: ``repeat`` single runs, each after flushing its weights and output
+#: from the caches (a flush per run needs ``number`` 1 and no ``min_repeat_ms``)
+DEFAULT_EVALUATOR = {"number": 1, "repeat": 10, "min_repeat_ms": 0, "enable_cpu_cache_flush": True}
+#: how a database's records were timed (``meta.json`` "timing"); records timed otherwise do
+#: not compare with these, so such a database is set aside
+TIMING = "cache-flushed, 10 single runs"
 
 
 def zig_binary() -> str:

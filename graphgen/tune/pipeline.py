@@ -321,6 +321,8 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                          "concat_in_place": concat_in_place and pipeline == "graphgen"}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
+        # kernels whose record the tuner chose by timing its fastest schedules again (chosen.json)
+        info["schedules"]["database_choices"] = sum(1 for h in opened.info.choices if opened.info.chosen_key(h))
     if notes:
         info["schedules"]["database_note"] = "; ".join(notes)
     return executable
