@@ -438,7 +438,8 @@ def _confirm_choices(extracted, plan: Plan, opened, builder, runner, report, dea
     target = extracted[0].target
     for at in range(0, len(cands), CONFIRM_BATCH):
         if plan.interrupted or (deadline is not None and time.monotonic() >= deadline):
-            report(f"time up: {len(cands) - at} kernels keep the fastest single timing")
+            why = "stopped" if plan.interrupted else "time up"
+            report(f"{why}: {len(cands) - at} kernels keep their fastest single timing")
             break
         chunk = cands[at:at + CONFIRM_BATCH]
         picked = [(i, extracted[i].dispatched[0], sch) for i, _, schedules in chunk for sch in schedules]
