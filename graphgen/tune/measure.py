@@ -14,7 +14,8 @@ for boards.
 
 Timing (:data:`DEFAULT_EVALUATOR`): each run starts with the kernel's weights and output
 flushed from the caches (TVM's ``cache_flush_cpu_non_first_arg``; the first argument, the
-input, is left in cache, where the previous kernel of a model leaves it). Back-to-back runs
+input, is left in cache, where the previous kernel of a model leaves it; TVM's runtime
+flushes on x86 and aarch64, and on an armv7 board the runs stay warm). Back-to-back runs
 on hot caches ranked some schedules the wrong way round. Measured on SqueezeNet 1.1 (ms, two
 threads; warm -> flushed standalone; in the model): stem conv default 0.44 -> 0.44, 0.50;
 a searched schedule 0.48 -> 0.80, 0.92. The search picked the second on its warm timing and
