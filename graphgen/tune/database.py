@@ -18,9 +18,10 @@ one model is picked up by the build of any other model that has the same kernel.
 
 A database that cannot be trusted (unparsable lines, a TVM or format version other than
 this one, other default schedules (:func:`schedules_fingerprint`), records timed another way
-(:data:`graphgen.tune.measure.TIMING`), records for another target) is reported in one line and moved aside to ``<folder>.set-aside-<time>``; the build
-then goes on without it. A half-written last line (the process was killed while appending) is
-the one damage repaired in place.
+(:data:`graphgen.tune.measure.TIMING`), records for another target) is reported in one line
+and moved aside to ``<folder>.set-aside-<time>``; the build then goes on without it. A
+half-written last line (the process was killed while appending) is the one damage repaired in
+place.
 
 Which record a build applies: TVM takes the fastest record of a workload. Each record is one
 timing, and the fastest of a hundred timings on a noisy host is mostly the luckiest (measured:
