@@ -334,13 +334,21 @@ def test_tune_interrupt_resume_and_every_later_build_reuses_the_database(cache, 
     _assert_builds_take_the_chosen_records(second.database, spec, model, info, chosen)
     # nothing left to do: the budget is already in the database, and the choices are made
     third = tune_onnx(model, spec, trials=second.trials_total)
-    assert third.trials_run == 0
+    assert third.trials_run == 0 and third.retimed == 0
+    # a run that stopped before choosing (here: the choices lost) is chosen again by the next
+    # run, although its trial budget is met
+    (second.database / dbm.CHOICES).unlink()
+    fourth = tune_onnx(model, spec, trials=second.trials_total)
+    assert fourth.trials_run == 0 and fourth.retimed > 0
+    info = dbm.inspect(second.database)
+    chosen = {h for h in info.choices if info.chosen_key(h)}
+    assert chosen
 
     res = api.build(str(tiny_onnx), "x86", out=tmp_path / "built")
     t = res.manifest["tuning"]
     assert res.manifest["verification"]["status"] == "passed"
     assert t["status"] == "database" and t["records_used"] == t["kernels"] == n
-    assert t["database"] == str(first.database) and t["database_records"] == second.trials_total
+    assert t["database"] == str(first.database) and t["database_records"] == second.trials_total + fourth.retimed
     assert t["database_choices"] == len(chosen)
 
     # --tune in the build: budget already met, the manifest records the (empty) run
