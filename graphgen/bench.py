@@ -15,6 +15,7 @@ and the table says what the machine was doing (its load average) when they were 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -52,22 +53,55 @@ def host_description() -> dict:
             "platform": platform.platform()}
 
 
+#: the cores TVM's pool was configured over by :func:`set_tvm_threads` (its first: the caller's)
+_pool_cores: list[int] = []
+
+
+def _allowed_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def set_tvm_threads(n: int) -> None:
-    """Make TVM's thread pool run ``n`` threads over the cores this process may use.
+    """Make TVM's thread pool run ``n`` threads, one per core this process may use: thread
+    ``i`` (the caller's share is thread 0) on the ``i``-th of those cores. Run the library
+    inside :func:`tvm_caller_pinned` so the calling thread takes the first core.
 
     TVM's default pool size halves the logical core count on x86 (it assumes hyper-threads),
     and "big cores" mode (``config_threadpool(1, n)``) cannot grow the pool past that default:
     both left a 2-core VM without hyper-threads at one thread (measured: SqueezeNet 12.6 ms
-    at "2 threads", 6.2 ms with two real ones). Mode -3 (threads share the listed cores)
-    sizes the pool as asked.
+    at "2 threads", 6.2 ms with two real ones). Threads that share all cores (mode -3) are
+    sized right but float: between kernels TVM's worker sleeps, and Linux wakes it on the
+    caller's core, where the two then take turns while the other core idles - for seconds at a
+    time (measured, two threads, TVM alone in the process: SqueezeNet 1.1 flipping between
+    3.8-4.9 ms and 8.1-9.7 ms, its one-thread time, with one core idle). One core per thread
+    (mode -2) and the caller on the first ran 3.8-5.0 ms throughout (6.5 while the host was busy).
     """
+    import tvm  # noqa: F401 - registers the runtime's global functions
     import tvm_ffi
 
+    cpus = _allowed_cores()
+    _pool_cores[:] = cpus
+    mode = -2 if int(n) <= len(cpus) else -3  # more threads than cores: they must share
+    tvm_ffi.get_global_func("runtime.config_threadpool")(mode, int(n), [str(c) for c in cpus])
+
+
+@contextlib.contextmanager
+def tvm_caller_pinned():
+    """The calling thread on the first core of TVM's pool (see :func:`set_tvm_threads`) while
+    inside, its own affinity again after: another runtime's threads created or run outside
+    (onnxruntime's pool inherits its creator's affinity) keep every core."""
+    if not _pool_cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {_pool_cores[0]})
     try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
-    tvm_ffi.get_global_func("runtime.config_threadpool")(-3, int(n), [str(c) for c in cpus])
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _tvm_runner(lib_path: Path, inputs: dict, model):
@@ -109,6 +143,13 @@ def _openvino_runner(onnx_path: Path, inputs: dict, threads: int):
     req = compiled.create_infer_request()
     feed = {k: v for k, v in inputs.items()}
     return lambda: req.infer(feed), ov.__version__
+
+
+def _placement(label: str):
+    """Where the timing thread runs for ``label``: graphgen's libraries with the caller on the
+    first core of TVM's pool (:func:`tvm_caller_pinned`), the other runtimes as they place
+    themselves."""
+    return tvm_caller_pinned() if label.startswith("graphgen") else contextlib.nullcontext()
 
 
 def _time(fn, n: int) -> list[float]:
@@ -191,8 +232,9 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
         times: dict[str, list[float]] = {}
         per_round: dict[str, int] = {}
         for label, _, fn in runners:
-            _time(fn, max(1, warmup))
-            probe = statistics.median(_time(fn, 3))
+            with _placement(label):
+                _time(fn, max(1, warmup))
+                probe = statistics.median(_time(fn, 3))
             n = runs if runs is not None else int(min(200, max(10, DEFAULT_SECONDS / max(probe, 1e-6))))
             per_round[label] = max(1, -(-n // ROUNDS))
             times[label] = []
@@ -202,8 +244,9 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
                 # spinning for a while (TVM's and onnxruntime's pools both spin before sleeping),
                 # and with as many threads as cores they take this runtime's cores (measured:
                 # onnxruntime 2 threads 4.4 ms alone, 18 ms interleaved without these runs)
-                _time(fn, SEGMENT_WARMUP)
-                times[label].extend(_time(fn, per_round[label]))
+                with _placement(label):
+                    _time(fn, SEGMENT_WARMUP)
+                    times[label].extend(_time(fn, per_round[label]))
     ort_median = statistics.median(times["onnxruntime"]) if "onnxruntime" in times else None
     for label, version, _ in runners:
         ts = times[label]

@@ -109,3 +109,26 @@ def test_cli_bench_prints_the_table_and_writes_the_png(tmp_path, capsys):
     except ImportError:
         return
     assert png.exists()
+
+
+def test_tvm_threads_one_core_each_and_the_caller_pinned_only_while_timing():
+    """The timing thread takes the first core of TVM's pool inside ``tvm_caller_pinned`` and
+    gets its own affinity back after (onnxruntime's pool, created outside, keeps every core)."""
+    import os
+
+    from graphgen import bench
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no thread affinity on this OS")
+    before = os.sched_getaffinity(0)
+    bench.set_tvm_threads(len(before))
+    try:
+        with bench.tvm_caller_pinned():
+            assert os.sched_getaffinity(0) == {min(before)}
+        assert os.sched_getaffinity(0) == before
+        with pytest.raises(RuntimeError):
+            with bench.tvm_caller_pinned():
+                raise RuntimeError("a failing run")
+        assert os.sched_getaffinity(0) == before  # restored on errors too
+    finally:
+        os.sched_setaffinity(0, before)

@@ -107,13 +107,15 @@ def test_search_state_round_trips_and_a_corrupt_or_foreign_file_is_a_fresh_start
 # -- every option of every knob computes the same thing -----------------------------------------
 
 def _knob_model():
-    """One kernel of each searched class: a strided 3x3 conv (channel tiles), a Winograd conv, a
-    pointwise conv, a depthwise conv, a conv with 6 channels (no channel vector: row tiles), a
-    strided conv with 6 (scalar row pieces) and a dense layer."""
+    """One kernel of each searched class: a 3-channel strided stem (phase-split), a strided 3x3
+    conv (channel tiles), a Winograd conv, a pointwise conv, a depthwise conv, a conv with 6
+    channels (no channel vector: row tiles), a strided conv with 6 (scalar row pieces) and a
+    dense layer."""
     from graphgen.builder import GraphBuilder
 
     b = GraphBuilder("knobs")
-    x = b.input("input", (1, 8, 32, 32))
+    x = b.input("input", (1, 3, 64, 64))
+    x = b.relu(b.conv(x, 8, 3, stride=2, padding=1, name="stem"))         # 3 channels: phase-split
     x = b.relu(b.conv(x, 16, 3, stride=2, padding=1, name="strided"))     # 16x16, channel tiles
     x = b.relu(b.conv(x, 16, 3, padding=1, name="wino"))                  # Winograd F(4x4)
     x = b.relu(b.conv(x, 32, 1, name="pw"))                               # pointwise GEMM
@@ -145,12 +147,12 @@ def test_every_knob_option_matches_onnxruntime(tmp_path, monkeypatch, option):
     monkeypatch.setattr(defaults, "default_schedule", with_option)
     kinds, cmp = compile_and_compare(_knob_model(), tmp_path)
     assert cmp.ok, cmp.summary()
-    for kind in ("conv2d", "winograd conv2d F(4x4)", "pointwise conv2d", "depthwise conv2d (channel-blocked)",
-                 "dense"):
+    for kind in ("conv2d", "conv2d (phase-split)", "winograd conv2d F(4x4)", "pointwise conv2d",
+                 "depthwise conv2d (channel-blocked)", "dense"):
         assert kind in kinds, kinds
     # the knobs exercised, and that several have real alternatives to measure
     assert {"conv.tile", "winograd.gemm_tile", "pointwise.tile", "depthwise.tile", "depthwise.pad",
-            "dense.features", "conv.row_tile", "conv.row_piece"} <= set(seen), seen
+            "dense.features", "conv.row_tile", "conv.row_piece", "phase_conv.tile"} <= set(seen), seen
     assert sum(1 for n in seen.values() if n > 1) >= 4, seen
 
 

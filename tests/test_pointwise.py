@@ -28,6 +28,7 @@ CASES = {
     "shufflenet_232_7": dict(c=40, k=232, h=7),                # rows padded to 240: 6-channel blocks
     "padded_rows_wide_112": dict(c=8, k=30, h=112),            # 32 rows: no fused single pass
     "batch2_rect_nobias": dict(c=16, k=24, h=10, w=6, batch=2, bias=False),
+    "mobilenet_expand_112": dict(c=16, k=96, h=112),           # AVX-512: one-vector tiles in the rows
 }
 
 
@@ -129,3 +130,14 @@ def test_gemm_rows_are_padded_with_zeros_to_whole_channel_blocks():
     assert [padded_rows(k) for k in (1024, 1000, 232, 116, 96, 160, 64, 16, 30)] == \
         [1032, 1008, 240, 120, 96, 160, 64, 16, 32]
     assert padded_rows(1024, wide=False) == 1024 and padded_rows(1000, wide=False) == 1000
+
+
+def test_one_vector_tiles_in_the_output_rows_only_with_avx512_vectors():
+    """Computed inside the output rows, a one-vector tile of about 8 channels comes first where
+    a vector is 16 lanes; several-vector tiles keep their order before it; 8 lanes: none."""
+    from graphgen.tune.defaults import _fused_pointwise_tiles
+
+    tiles = [(2, 12), (1, 24), (2, 8), (1, 16), (1, 12), (1, 8), (1, 6), (1, 4), (1, 1)]
+    assert _fused_pointwise_tiles(tiles, 16) == [(2, 12), (2, 8), (1, 8), (1, 6), (1, 12), (1, 4), (1, 1),
+                                                 (1, 16), (1, 24)]
+    assert _fused_pointwise_tiles(tiles, 8) == [(2, 12), (2, 8)]

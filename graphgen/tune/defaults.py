@@ -674,6 +674,22 @@ def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector) -> None:
 
 # -- 1x1 conv as a GEMM over the flattened image (graphgen.tune.pointwise) --------------------
 
+def _fused_pointwise_tiles(tiles: list, lanes: int) -> list:
+    """The (vectors, channels) register tiles a pointwise GEMM computed inside its output rows
+    may take, best first: tiles of 2-4 vectors in the GEMM's own order, then (AVX-512 only:
+    16 positions, a 64-byte line of each output row) one-vector tiles of about FMA_CHAINS
+    channels. One 8-lane AVX2 vector per tile ran slower than two passes (see the caller).
+    Measured (AVX-512, one thread, MobileNetV2's 16 -> 96 at 112x112, conv + ReLU): one
+    vector x 8 channels 0.36 ms, x 6 or 12 0.41, x 16 1.18, x 24 1.24; two passes (the only
+    choice before: 112 columns hold no two-vector tile) 1.07-1.15; onnxruntime 0.49.
+    MobileNetV2 as a whole, interleaved: 10.00 -> 9.35 ms at one thread, 6.26 -> 5.76 at two.
+    """
+    multi = [t for t in tiles if t[0] > 1]
+    single = [t for t in tiles if t[0] == 1 and lanes >= 16]
+    single.sort(key=lambda t: (t[1] < FMA_CHAINS - 2 or t[1] > FMA_CHAINS + 4, abs(t[1] - FMA_CHAINS)))
+    return multi + single
+
+
 def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     """Default schedule of a pointwise (1x1) conv kernel, see :mod:`graphgen.tune.pointwise`:
     the GEMM in ``kb`` output channels x ``nv`` vectors of positions register tiles (weights
@@ -711,7 +727,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     # (Not with GEMM rows padded past the output channels: the output's channel loop would
     # not split into whole tiles.)
     whole_rows = _int(sch.get(ok_).extent) == k_out
-    fused_tiles = tiles(width, vectors=(2, 3, 4)) if not pads and whole_rows else []
+    fused_tiles = _fused_pointwise_tiles(tiles(width), lanes) if not pads and whole_rows else []
     passes = knobs.pick("pointwise.passes", ([1] if fused_tiles else []) + ([2] if tiles(p_pad) else []))
     if passes == 1:
         # output rows that are whole tiles: the GEMM tile is computed where the output (and its
@@ -743,6 +759,54 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     _register_tiled_gemm(sch, gemm, (ln, p_o, k_o), lr, unrolled=k_i, vector=p_i)
     _parallel_vectorize(sch, out, isa)
     return kind
+
+
+# -- strided convs over few channels on phase-split input (graphgen.tune.phase_conv) ----------
+
+def schedule_phase_conv(sch, conv, isa, outputs, knobs: Knobs):
+    """Default schedule of a phase-split strided conv, see :mod:`graphgen.tune.phase_conv`:
+    register tiles of ``cb`` output channels (weights broadcast) x ``hb`` rows x ``nv`` vectors
+    of output columns (loaded straight from the input's column phases), parallel over tiles,
+    the cropped output and its fused tail stored from the tile as row vectors."""
+    if len(outputs) != 1:
+        raise NotMatched("more than one output")
+    out = outputs[0]
+    data = _named(sch, "phase_conv_data")
+    for b in _blocks(sch):
+        if any(_same(sch, b, x) for x in (conv, out, data)):
+            continue
+        if "R" in _iter_kinds(sch, b):
+            raise NotMatched("a second reduction in the kernel")
+        sch.compute_inline(b)  # the crop and the tail's steps, into the output
+    _parallel_vectorize(sch, data, isa)
+    _, k_out, out_h, w_pad = (_int(x) for x in _buf(sch.get(conv).writes[0]).shape)
+    lanes = isa.lanes
+    options = [(cb, hb, nv) for nv in (1, 2, 4) if w_pad % (nv * lanes) == 0
+               for cb in _divisors(k_out) if cb <= 16 for hb in _divisors(out_h) if hb <= 4
+               if cb * hb * nv <= min(isa.accumulators - 2, 16)]
+    if not options:
+        raise NotMatched("no register tile fits")
+    # measured (AVX-512, one thread, SqueezeNet's and MobileNetV2's 3x3/2 stems): 8 channels x
+    # one vector best (0.493 ms; 12 x 1 0.511, 6 x 2 rows 0.512, 16 x 1 0.620, 8 x 2 vectors
+    # 0.964): enough accumulators to cover the FMA latency, then as few as that, one row
+    cb, hb, nv = knobs.pick("phase_conv.tile", _ranked(
+        options, key=lambda o: (o[0] * o[1] * o[2] >= FMA_CHAINS, o[1] == 1, -o[0] * o[1] * o[2], -o[2])))
+    ln, lk, ly, lx, lrc, lry, lrx = sch.get_loops(conv)
+    k_o, k_i = sch.split(lk, factors=[None, cb])
+    y_o, y_i = sch.split(ly, factors=[None, hb])
+    x_o, x_v, x_l = sch.split(lx, factors=[None, nv, lanes])
+    sch.reorder(ln, k_o, y_o, x_o, lrc, lry, lrx, k_i, y_i, x_v, x_l)
+    # the output (and its tail) stored from the tile: its last column tile is cut at the real
+    # row length (a predicate the vectorizer keeps)
+    sch.reverse_compute_at(out, x_o, preserve_unit_loops=True)
+    _vector_tile(sch, sch.get_loops(out)[4:])
+    sch.parallel(sch.fuse(ln, k_o, y_o))
+    sch.vectorize(x_l)
+    for lp in (k_i, y_i, x_v):
+        sch.unroll(lp)
+    init = sch.decompose_reduction(conv, lrc)
+    _vectorize_unroll_tail(sch, sch.get_loops(init)[2:])
+    return "conv2d (phase-split)"
 
 
 # -- Winograd conv2d (graphgen.tune.winograd) -------------------------------------------------
@@ -927,6 +991,7 @@ _MAIN = {
     "T_dense": schedule_dense,
     "winograd_bgemm": schedule_winograd,
     "pointwise_gemm": schedule_pointwise,
+    "phase_conv": schedule_phase_conv,
 }
 
 

@@ -234,12 +234,15 @@ def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool |
     import tvm
     from tvm import relax
 
-    from graphgen.tune import pointwise
+    from graphgen.tune import phase_conv, pointwise
 
     tvm_conv = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
-    def default(bb_, call_):  # 1x1 convs: graphgen's pointwise GEMM kernel; the rest: TVM's
-        return pointwise.legalize(bb_, call_, tvm_conv, pointwise_kernels)
+    def strided_or_tvm(bb_, call_):  # strided stems: graphgen's phase-split kernel
+        return phase_conv.legalize(bb_, call_, tvm_conv)
+
+    def default(bb_, call_):  # 1x1 convs: graphgen's pointwise GEMM kernel; the rest as above, or TVM's
+        return pointwise.legalize(bb_, call_, strided_or_tvm, pointwise_kernels)
 
     facts = _conv_facts(call) if enabled(mode) else None
     if facts is None:

@@ -1,0 +1,107 @@
+"""Strided convs over few input channels on a phase-split input (graphgen.tune.phase_conv),
+against onnxruntime (fp32, relative L2 < 1e-5)."""
+
+import pytest
+
+from graphgen.compile import resolve_target
+from graphgen.testing import compile_and_compare, single_conv_model
+from graphgen.tune import phase_conv
+
+TOL = 1e-5
+KIND = "conv2d (phase-split)"
+
+
+def _check(model, tmp_path, target="x86"):
+    return compile_and_compare(model, tmp_path, target, TOL)
+
+
+CASES = {
+    # SqueezeNet 1.1's stem: no padding, 17 output columns (a last tile of one column)
+    "squeezenet_stem": dict(c=3, k=64, h=35, padding=0),
+    # MobileNetV2's and ShuffleNetV2's stems: padded, whole tiles of 16 columns
+    "mobilenet_stem": dict(c=3, k=32, h=32),
+    "shufflenet_stem_24": dict(c=3, k=24, h=32),
+    # ResNet's 7x7/2 stem: a window of 7 over two phases (taps 0..3 of one, 0..2 of the other)
+    "resnet_stem_7x7": dict(c=3, k=64, h=40, kernel=7, padding=3),
+    "stride3_rect_odd_channels": dict(c=3, k=10, h=29, w=50, stride=3),
+    "grey_batch2_nobias": dict(c=1, k=16, h=30, batch=2, bias=False),
+    "rgba_5x5_residual_free": dict(c=4, k=8, h=36, kernel=5, padding=2, relu=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_phase_split_kernels_match_onnxruntime(name, tmp_path):
+    kw = dict(CASES[name])
+    kw.setdefault("stride", 2)
+    kinds, c = _check(single_conv_model(**kw), tmp_path)
+    assert kinds == {KIND: 1}, kinds
+    assert c.ok, c.summary()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(c=8, k=16, h=32, stride=2),            # 8 input channels: the direct conv's reduction is long enough
+    dict(c=3, k=16, h=32, stride=1),            # stride 1: its window taps are whole row vectors already
+    dict(c=3, k=16, h=13, stride=2),            # 7 output columns: less than half a tile
+    dict(c=3, k=16, h=32, stride=2, kernel=1, padding=0),  # strided 1x1: the subsampled pointwise GEMM
+])
+def test_other_convs_keep_their_kernels(kwargs, tmp_path):
+    kinds, c = _check(single_conv_model(**kwargs), tmp_path)
+    assert KIND not in kinds, kinds
+    assert c.ok, c.summary()
+
+
+def test_wrong_weights_are_caught(tmp_path, monkeypatch):
+    """The comparison can fail: the kernel built from slightly different weights."""
+    from tvm import relax
+
+    real = phase_conv.legalize
+
+    def scaled(bb, call, fallback):
+        if phase_conv._facts(call) is None:
+            return fallback(bb, call)
+        w, strides, pads = phase_conv._facts(call)
+        return bb.call_te(phase_conv.phase_conv2d_te, call.args[0], relax.const(w * 1.001), strides, pads,
+                          primfunc_name_hint="phase_conv2d",
+                          primfunc_attrs={"op_pattern": phase_conv.OUT_ELEMWISE_FUSABLE})
+
+    monkeypatch.setattr(phase_conv, "legalize", scaled)
+    kinds, c = _check(single_conv_model(3, 16, 32, stride=2), tmp_path)
+    assert kinds == {KIND: 1}, kinds
+    assert not c.ok
+    monkeypatch.setattr(phase_conv, "legalize", real)
+
+
+@pytest.mark.parametrize("option", [0, 2, 5])
+@pytest.mark.parametrize("target", ["x86", "x86-64-v3"])
+def test_every_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
+    """Each register tile the tuner may pick (AVX-512 and AVX2 lanes; 32 columns padded: tiles
+    of one, two or four vectors), checked against onnxruntime."""
+    from graphgen.tune import defaults
+    from graphgen.tune.defaults import Knobs
+
+    seen = {}
+    original = defaults.default_schedule
+
+    def with_option(func, isa, mod=None, knobs=None):
+        k = Knobs(others=option)
+        out = original(func, isa, mod=mod, knobs=k)
+        seen.update(k.seen)
+        return out
+
+    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    kinds, c = _check(single_conv_model(3, 24, 63, stride=2, padding=0), tmp_path, target)
+    assert kinds == {KIND: 1}, kinds
+    assert c.ok, c.summary()
+    assert seen.get("phase_conv.tile", 0) > 2, seen
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7", "avx512"])
+def test_phase_split_kernels_compile_for_neon_and_avx512(target, tmp_path):
+    from graphgen.compile.elf import check_elf
+
+    spec = resolve_target(target)
+    kinds, _ = _check(single_conv_model(3, 32, 35, stride=2, padding=0), tmp_path, target)
+    assert kinds == {KIND: 1}, kinds
+    if not spec.host_runnable:
+        ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
+        assert ok, problem
