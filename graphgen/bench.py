@@ -88,20 +88,28 @@ def set_tvm_threads(n: int) -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(mode, int(n), [str(c) for c in cpus])
 
 
-@contextlib.contextmanager
-def tvm_caller_pinned():
-    """The calling thread on the first core of TVM's pool (see :func:`set_tvm_threads`) while
-    inside, its own affinity again after: another runtime's threads created or run outside
-    (onnxruntime's pool inherits its creator's affinity) keep every core."""
+def pin_caller_to_pool() -> set[int] | None:
+    """Pin the calling thread to the first core of TVM's pool (see :func:`set_tvm_threads`);
+    returns its affinity before, or None when there is nothing to pin (no pool configured, or
+    no thread affinity on this OS)."""
     if not _pool_cores or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
+        return None
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {_pool_cores[0]})
+    return before
+
+
+@contextlib.contextmanager
+def tvm_caller_pinned():
+    """The calling thread on the first core of TVM's pool while inside, its own affinity again
+    after: another runtime's threads created or run outside (onnxruntime's pool inherits its
+    creator's affinity) keep every core."""
+    before = pin_caller_to_pool()
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        if before is not None:
+            os.sched_setaffinity(0, before)
 
 
 def _tvm_runner(lib_path: Path, inputs: dict, model):

@@ -25,7 +25,7 @@ CASES = {
     "resnet_stem_7x7": dict(c=3, k=64, h=40, kernel=7, padding=3),
     "stride3_rect_odd_channels": dict(c=3, k=10, h=29, w=50, stride=3),
     "grey_batch2_nobias": dict(c=1, k=16, h=30, batch=2, bias=False),
-    "rgba_5x5_residual_free": dict(c=4, k=8, h=36, kernel=5, padding=2, relu=False),
+    "rgba_5x5_no_relu": dict(c=4, k=8, h=36, kernel=5, padding=2, relu=False),
 }
 
 
@@ -54,8 +54,6 @@ def test_wrong_weights_are_caught(tmp_path, monkeypatch):
     """The comparison can fail: the kernel built from slightly different weights."""
     from tvm import relax
 
-    real = phase_conv.legalize
-
     def scaled(bb, call, fallback):
         if phase_conv._facts(call) is None:
             return fallback(bb, call)
@@ -68,7 +66,6 @@ def test_wrong_weights_are_caught(tmp_path, monkeypatch):
     kinds, c = _check(single_conv_model(3, 16, 32, stride=2), tmp_path)
     assert kinds == {KIND: 1}, kinds
     assert not c.ok
-    monkeypatch.setattr(phase_conv, "legalize", real)
 
 
 @pytest.mark.parametrize("option", [0, 2, 5])

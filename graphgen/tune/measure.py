@@ -130,11 +130,10 @@ def _init_runner_worker(threads: int | None) -> None:
         # candidates must run on as many threads as the built library will: TVM's default pool
         # halves the core count on x86 (assumed hyper-threads), which left a 2-core VM timing
         # every candidate on one thread
-        from graphgen.bench import set_tvm_threads, tvm_caller_pinned
+        from graphgen.bench import pin_caller_to_pool, set_tvm_threads
 
         set_tvm_threads(threads)
-        # the worker only runs candidates: its thread stays on the pool's first core
-        tvm_caller_pinned().__enter__()
+        pin_caller_to_pool()  # the worker only runs candidates: it stays on the pool's first core
 
 
 def local_runner(timeout_s: float = 120.0, threads: int | None = None):

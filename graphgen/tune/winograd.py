@@ -229,8 +229,8 @@ def _conv_facts(call):
 
 def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool | None = None):
     """Legalization of ``relax.nn.conv2d``: Winograd where it qualifies, pointwise GEMM for 1x1
-    convs (:mod:`graphgen.tune.pointwise`; ``pointwise_kernels``: None = the environment's), else
-    TVM's own."""
+    convs (:mod:`graphgen.tune.pointwise`; ``pointwise_kernels``: None = the environment's), the
+    phase-split kernel for strided stems (:mod:`graphgen.tune.phase_conv`), else TVM's own."""
     import tvm
     from tvm import relax
 
