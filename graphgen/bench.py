@@ -77,7 +77,8 @@ def set_tvm_threads(n: int) -> None:
     caller's core, where the two then take turns while the other core idles - for seconds at a
     time (measured, two threads, TVM alone in the process: SqueezeNet 1.1 flipping between
     3.8-4.9 ms and 8.1-9.7 ms, its one-thread time, with one core idle). One core per thread
-    (mode -2) and the caller on the first ran 3.8-5.0 ms throughout (6.5 while the host was busy).
+    (mode -2) with the caller on the first removes that co-location; slow phases from outside
+    the process (both cores about half busy, the threads taking turns) remain on this VM.
     """
     import tvm  # noqa: F401 - registers the runtime's global functions
     import tvm_ffi
