@@ -144,7 +144,30 @@ def schedule_kernels(mod, target, database=None, default_schedules: bool = True,
 
         mod = apply_default_schedules(mod, target, stats, isa)
     stats.plain = stats.kernels - stats.from_database - stats.default
-    return _drop_unused_layout_free(mod)
+    return _drop_unused_layout_free(_reparse_ill_formed(mod))
+
+
+def _reparse_ill_formed(mod):
+    """Kernels a schedule left ill-formed, printed and parsed again.
+
+    ``loop_partition`` (see ``defaults._image_vectorize``) gives both partitions of a block the
+    same iterator variables. Lowering does not mind, but no Schedule can be made of the result,
+    and the layout-rewrite checks below make one (they would take the kernel for one without a
+    weight to repack: the weights repacked on every call). TVMScript's parser defines each
+    block's variables anew.
+    """
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+
+    for gv, f in list(mod.functions.items()):
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        try:
+            Schedule(tvm.IRModule({"main": f}))
+        except Exception:  # noqa: BLE001 - ill-formed (the only reason a scheduled kernel is refused)
+            mod[gv] = tvm.script.from_source(f.script())
+    return mod
 
 
 def _drop_unused_layout_free(mod):

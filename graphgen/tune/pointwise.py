@@ -44,6 +44,10 @@ def enabled(use: bool | None = None) -> bool:
     return os.environ.get("GRAPHGEN_POINTWISE", "1") != "0"
 
 
+#: positions are computed apart (not padded) when padding would add more than this share of them
+SPLIT_MIN_WASTE = 1 / 8
+
+
 def pointwise_conv2d_te(data, weight, k_out: int):
     """``data`` NCHW, ``weight`` [K_pad, C] (rows past ``k_out`` zero, see :func:`pad_rows`)
     -> NCHW with ``k_out`` channels."""
@@ -52,32 +56,50 @@ def pointwise_conv2d_te(data, weight, k_out: int):
     n_b, c_in, h, w = (int(x) for x in data.shape)
     p_real = h * w
     p_pad = -(-p_real // P_QUANTUM) * P_QUANTUM
-    if p_pad == p_real:
-        def x_at(n, c, p):
+    if p_pad == p_real or p_pad - p_real > p_real * SPLIT_MIN_WASTE:
+        # whole vectors, or a 7x7 image (49 positions: 48 + 1 apart rather than 64)
+        def x_at(n, c, p):  # the NCHW image's rows are one contiguous axis of positions
             return data[n, c, p // w, p % w]
-    else:
-        zero = tirx.const(0.0, data.dtype)
-        x_pad = te.compute((n_b, c_in, p_pad), lambda n, c, p: tirx.if_then_else(
-            p < p_real, data[n, c, tirx.min(p, p_real - 1) // w, tirx.min(p, p_real - 1) % w], zero),
-            name="pointwise_data_pad")
 
-        def x_at(n, c, p):
-            return x_pad[n, c, p]
-    return _gemm_rows(x_at, weight, k_out, (n_b, c_in, p_pad), (h, w))
+        return _gemm_rows(x_at, weight, k_out, (n_b, c_in, p_real), (h, w), split=True)
+    # 14x14 (196 positions padded to 208) or 13x13: the input rows copied, padded
+    zero = tirx.const(0.0, data.dtype)
+    x_pad = te.compute((n_b, c_in, p_pad), lambda n, c, p: tirx.if_then_else(
+        p < p_real, data[n, c, tirx.min(p, p_real - 1) // w, tirx.min(p, p_real - 1) % w], zero),
+        name="pointwise_data_pad")
+    return _gemm_rows(lambda n, c, p: x_pad[n, c, p], weight, k_out, (n_b, c_in, p_pad), (h, w))
 
 
-def _gemm_rows(x_at, weight, k_out: int, dims, out_hw):
-    """The stages both kernels share: ``pointwise_gemm`` [N, K_pad, P_pad] over the rows
-    ``x_at(n, c, p)``, then ``pointwise_out`` [N, k_out, H, W] cropped from its rows."""
-    from tvm import te
+def _gemm_rows(x_at, weight, k_out: int, dims, out_hw, split: bool = False):
+    """The stages the kernels share: ``pointwise_gemm`` [N, K_pad, P] over the rows
+    ``x_at(n, c, p)``, then ``pointwise_out`` [N, k_out, H, W] cropped from its rows.
 
-    n_b, c_in, p_pad = dims
+    ``split``: positions past the last whole :data:`P_QUANTUM` are not padded but computed
+    apart, ``pointwise_gemm_rest`` [N, P % P_QUANTUM, K_pad], vectorized along the channels
+    (a 7x7 image's 49 positions are 48 + 1, not 64).
+    """
+    from tvm import te, tirx
+
+    n_b, c_in, p_all = dims
     out_h, out_w = out_hw
+    k_pad = int(weight.shape[0])
+    main = p_all // P_QUANTUM * P_QUANTUM if split else p_all
     rc = te.reduce_axis((0, c_in), name="rc")
-    gemm = te.compute((n_b, int(weight.shape[0]), p_pad),
+    gemm = te.compute((n_b, k_pad, main),
                       lambda n, k, p: te.sum(weight[k, rc] * x_at(n, rc, p), axis=rc), name="pointwise_gemm")
-    return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
-                      name="pointwise_out")
+    if main == p_all:
+        return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
+                          name="pointwise_out")
+    rc2 = te.reduce_axis((0, c_in), name="rc")
+    rest = te.compute((n_b, p_all - main, k_pad),
+                      lambda n, q, k: te.sum(weight[k, rc2] * x_at(n, rc2, q + main), axis=rc2),
+                      name="pointwise_gemm_rest")
+
+    def at(n, k, p):
+        # clamped indices: each side of the select reads only inside its buffer
+        return tirx.if_then_else(p < main, gemm[n, k, tirx.min(p, main - 1)], rest[n, tirx.max(p - main, 0), k])
+
+    return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: at(n, k, y * out_w + x), name="pointwise_out")
 
 
 def _strided_positions(h: int, w: int, strides, pads) -> tuple[int, int, int]:
