@@ -19,11 +19,13 @@ class StaticConv:
     strides: tuple[int, int] = (1, 1)
 
 
-def static_conv(call, kernel: tuple[int, int] | None, *, strided: bool = False) -> StaticConv | None:
-    """The facts of a stride-1 (``strided``: any stride), dilation-1, one-group NCHW fp32 conv
-    with a ``kernel``-sized (None: any size) constant weight and static shapes; None for any
-    other conv (weights passed at run time, with ``params_as_inputs``, among them: those keep
-    TVM's conv)."""
+def static_conv(call, kernel: tuple[int, int] | None, *, strided: bool = False,
+                depthwise: bool = False) -> StaticConv | None:
+    """The facts of a stride-1 (``strided``: any stride), dilation-1, one-group (``depthwise``:
+    one group per channel, one output channel per group) NCHW fp32 conv with a
+    ``kernel``-sized (None: any size) constant weight and static shapes; None for any other
+    conv (weights passed at run time, with ``params_as_inputs``, among them: those keep TVM's
+    conv)."""
     import tvm
     from tvm import relax
 
@@ -34,9 +36,9 @@ def static_conv(call, kernel: tuple[int, int] | None, *, strided: bool = False) 
     if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
     strides = tuple(int(s) for s in attrs.strides)
-    if len(strides) != 2 or (strides != (1, 1) and not strided) or [int(d) for d in attrs.dilation] != [1, 1] or \
-            int(attrs.groups) != 1:
+    if len(strides) != 2 or (strides != (1, 1) and not strided) or [int(d) for d in attrs.dilation] != [1, 1]:
         return None
+    groups = int(attrs.groups)
     if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
         return None
     ty = data.ty  # TVM 0.27's Relax types (struct_info before)
@@ -49,6 +51,8 @@ def static_conv(call, kernel: tuple[int, int] | None, *, strided: bool = False) 
     w = weight.value.numpy()
     if w.dtype != np.float32 or w.ndim != 4 or len(shape) != 4 or \
             (kernel is not None and tuple(w.shape[2:]) != tuple(kernel)):
+        return None
+    if groups != (shape[1] if depthwise else 1) or (depthwise and w.shape[:2] != (shape[1], 1)):
         return None
     pads = [int(p) for p in attrs.padding]
     if len(pads) == 2:

@@ -841,21 +841,34 @@ def schedule_phase_conv(sch, conv, isa, outputs, knobs: Knobs):
     _parallel_vectorize(sch, data, isa)
     _, k_out, out_h, w_pad = (_int(x) for x in _buf(sch.get(conv).writes[0]).shape)
     lanes = isa.lanes
+    depthwise = sch.get(conv).name_hint == "phase_depthwise"
+    if depthwise and w_pad % lanes:
+        lanes = lanes // 2  # rows of whole half vectors (56 columns with AVX-512), not padded
     options = [(cb, hb, nv) for nv in (1, 2, 4) if w_pad % (nv * lanes) == 0
-               for cb in _divisors(k_out) if cb <= 16 for hb in _divisors(out_h) if hb <= 4
+               for cb in _divisors(k_out) if cb <= (4 if depthwise else 16) for hb in _divisors(out_h) if hb <= 4
                if cb * hb * nv <= min(isa.accumulators - 2, 16)]
     if not options:
         raise NotMatched("no register tile fits")
-    # measured (AVX-512, one thread, SqueezeNet's and MobileNetV2's 3x3/2 stems): 8 channels x
-    # one vector best (0.493 ms; 12 x 1 0.511, 6 x 2 rows 0.512, 16 x 1 0.620, 8 x 2 vectors
-    # 0.964): enough accumulators to cover the FMA latency, then as few as that, one row
-    cb, hb, nv = knobs.pick("phase_conv.tile", _ranked(
-        options, key=lambda o: (o[0] * o[1] * o[2] >= FMA_CHAINS, o[1] == 1, -o[0] * o[1] * o[2], -o[2])))
-    ln, lk, ly, lx, lrc, lry, lrx = sch.get_loops(conv)
+    if depthwise:
+        # each channel its own input rows: neighbouring output rows share input rows (4 rows of
+        # a 3x3 window read 6), channels share nothing; enough accumulators for the FMA latency
+        key = lambda o: (o[0] * o[1] * o[2] >= FMA_CHAINS, o[1], -o[0], -o[0] * o[1] * o[2])  # noqa: E731
+    else:
+        # measured (AVX-512, one thread, SqueezeNet's and MobileNetV2's 3x3/2 stems): 8 channels x
+        # one vector best (0.493 ms; 12 x 1 0.511, 6 x 2 rows 0.512, 16 x 1 0.620, 8 x 2 vectors
+        # 0.964): enough accumulators to cover the FMA latency, then as few as that, one row
+        key = lambda o: (o[0] * o[1] * o[2] >= FMA_CHAINS, o[1] == 1, -o[0] * o[1] * o[2], -o[2])  # noqa: E731
+    cb, hb, nv = knobs.pick("phase_conv.tile", _ranked(options, key=key))
+    loops = sch.get_loops(conv)
+    if depthwise:
+        ln, lk, ly, lx, lry, lrx = loops
+        lrc = lry
+    else:
+        ln, lk, ly, lx, lrc, lry, lrx = loops
     k_o, k_i = sch.split(lk, factors=[None, cb])
     y_o, y_i = sch.split(ly, factors=[None, hb])
     x_o, x_v, x_l = sch.split(lx, factors=[None, nv, lanes])
-    sch.reorder(ln, k_o, y_o, x_o, lrc, lry, lrx, k_i, y_i, x_v, x_l)
+    sch.reorder(ln, k_o, y_o, x_o, *([] if depthwise else [lrc]), lry, lrx, k_i, y_i, x_v, x_l)
     # the output (and its tail) stored from the tile: its last column tile is cut at the real
     # row length (a predicate the vectorizer keeps)
     sch.reverse_compute_at(out, x_o, preserve_unit_loops=True)
@@ -866,7 +879,7 @@ def schedule_phase_conv(sch, conv, isa, outputs, knobs: Knobs):
         sch.unroll(lp)
     init = sch.decompose_reduction(conv, lrc)
     _vectorize_unroll_tail(sch, sch.get_loops(init)[2:])
-    return "conv2d (phase-split)"
+    return "depthwise conv2d (rows)" if depthwise else "conv2d (phase-split)"
 
 
 # -- Winograd conv2d (graphgen.tune.winograd) -------------------------------------------------
@@ -1052,6 +1065,7 @@ _MAIN = {
     "winograd_bgemm": schedule_winograd,
     "pointwise_gemm": schedule_pointwise,
     "phase_conv": schedule_phase_conv,
+    "phase_depthwise": schedule_phase_conv,
 }
 
 
