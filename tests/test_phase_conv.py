@@ -102,3 +102,94 @@ def test_phase_split_kernels_compile_for_neon_and_avx512(target, tmp_path):
     if not spec.host_runnable:
         ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
         assert ok, problem
+
+
+# -- stride-1 depthwise convs on rows (phase_depthwise) ---------------------------------------
+
+DW_KIND = "depthwise conv2d (rows)"
+
+DW_CASES = {
+    # MobileNetV2's 144 x 56 x 56: rows of 7 half vectors (AVX-512) or 7 AVX2 vectors, no crop
+    "mobilenet_56": dict(c=24, h=56),
+    # 28 and 14 columns: rows padded to 32 and 16, cropped
+    "mobilenet_28": dict(c=32, h=28),
+    "shufflenet_14_no_relu": dict(c=20, h=14, relu=False),
+    # 112 columns: 7 whole AVX-512 vectors
+    "mobilenet_112_batch2": dict(c=8, h=112, w=40, batch=2),
+    # EfficientNet / MnasNet: 5x5 windows; a residual add fused into the tail
+    "five_by_five_residual": dict(c=16, h=24, kernel=5, padding=2, residual=True),
+    "no_bias_no_padding": dict(c=12, h=18, padding=0, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(DW_CASES))
+def test_depthwise_row_kernels_match_onnxruntime(name, tmp_path):
+    kw = dict(DW_CASES[name])
+    c = kw.pop("c")
+    kinds, cmp = _check(single_conv_model(c, c, groups=c, **kw), tmp_path)
+    assert kinds == {DW_KIND: 1}, kinds
+    assert cmp.ok, cmp.summary()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(c=16, k=16, h=56, stride=2, groups=16),  # stride 2: its copy would read every other column
+    dict(c=16, k=16, h=7, groups=16),             # 7 columns: rows padded to 16 would be mostly padding
+    dict(c=16, k=32, h=28, groups=16),            # two outputs per channel: not depthwise
+    dict(c=16, k=16, h=28, groups=8),             # grouped
+])
+def test_other_grouped_convs_keep_their_kernels(kwargs, tmp_path):
+    kinds, c = _check(single_conv_model(**kwargs), tmp_path)
+    assert DW_KIND not in kinds, kinds
+    assert c.ok, c.summary()
+
+
+def test_wrong_depthwise_weights_are_caught(tmp_path, monkeypatch):
+    from tvm import relax
+
+    def scaled(bb, call, fallback):
+        facts = phase_conv._depthwise_facts(call)
+        if facts is None:
+            return fallback(bb, call)
+        w, strides, pads = facts
+        return bb.call_te(phase_conv.phase_depthwise_te, call.args[0], relax.const(w * 1.001), strides, pads,
+                          primfunc_name_hint="phase_depthwise",
+                          primfunc_attrs={"op_pattern": phase_conv.OUT_ELEMWISE_FUSABLE})
+
+    monkeypatch.setattr(phase_conv, "legalize", scaled)
+    kinds, c = _check(single_conv_model(16, 16, 28, groups=16), tmp_path)
+    assert kinds == {DW_KIND: 1}, kinds
+    assert not c.ok
+
+
+@pytest.mark.parametrize("option", [0, 1, 3, 5])
+@pytest.mark.parametrize("target", ["x86", "x86-64-v3"])
+def test_every_depthwise_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
+    from graphgen.tune import defaults
+    from graphgen.tune.defaults import Knobs
+
+    seen = {}
+    original = defaults.default_schedule
+
+    def with_option(func, isa, mod=None, knobs=None):
+        k = Knobs(others=option)
+        out = original(func, isa, mod=mod, knobs=k)
+        seen.update(k.seen)
+        return out
+
+    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    kinds, c = _check(single_conv_model(8, 8, 24, w=32, groups=8), tmp_path, target)
+    assert kinds == {DW_KIND: 1}, kinds
+    assert c.ok, c.summary()
+    assert seen.get("phase_conv.tile", 0) > 5, seen
+
+
+@pytest.mark.parametrize("target", ["arm", "armv7", "avx512"])
+def test_depthwise_row_kernels_compile_for_neon_and_avx512(target, tmp_path):
+    from graphgen.compile.elf import check_elf
+
+    spec = resolve_target(target)
+    kinds, _ = _check(single_conv_model(16, 16, 28, groups=16), tmp_path, target)
+    assert kinds == {DW_KIND: 1}, kinds
+    if not spec.host_runnable:
+        ok, _, problem = check_elf(tmp_path / "m.so", spec.arch)
+        assert ok, problem
