@@ -14,8 +14,11 @@ x ``nv`` vectors of positions (loaded straight from the input rows), with the re
 stored contiguously. Stages of the kernel (one TIR function; FuseOps fuses the bias, ReLU and
 residual add into it as for any conv):
 
-    pointwise_data_pad  the input rows padded to P_pad (only when P is not a multiple)
-    pointwise_gemm      [N, K, P_pad]
+    pointwise_data_pad  the input rows padded to P_pad (when P is not a multiple and padding
+                        adds at most SPLIT_MIN_WASTE of the positions: 14x14, 13x13)
+    pointwise_gemm      [N, K, P_pad], or [N, K, P_main] over the whole vectors of positions
+    pointwise_gemm_rest [N, P - P_main, K]: the positions past them (7x7: 49 = 48 + 1), with
+                        the channels as the vector, instead of padding
     pointwise_out       [N, K, H, W], the GEMM's rows cropped (the fused tail runs here)
 
 :func:`graphgen.tune.defaults.schedule_pointwise` is its default schedule. Used for convs
