@@ -15,6 +15,24 @@ def _check(model, tmp_path, target="x86"):
     return compile_and_compare(model, tmp_path, target, TOL)
 
 
+def _every_knob_at(option, monkeypatch) -> dict:
+    """Default schedules built with every knob at ``option``; returns the knobs they met."""
+    from graphgen.tune import defaults
+    from graphgen.tune.defaults import Knobs
+
+    seen = {}
+    original = defaults.default_schedule
+
+    def with_option(func, isa, mod=None, knobs=None):
+        k = Knobs(others=option)
+        out = original(func, isa, mod=mod, knobs=k)
+        seen.update(k.seen)
+        return out
+
+    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    return seen
+
+
 CASES = {
     # SqueezeNet 1.1's stem: no padding, 17 output columns (a last tile of one column)
     "squeezenet_stem": dict(c=3, k=64, h=35, padding=0),
@@ -73,19 +91,7 @@ def test_wrong_weights_are_caught(tmp_path, monkeypatch):
 def test_every_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
     """Each register tile the tuner may pick (AVX-512 and AVX2 lanes; 32 columns padded: tiles
     of one, two or four vectors), checked against onnxruntime."""
-    from graphgen.tune import defaults
-    from graphgen.tune.defaults import Knobs
-
-    seen = {}
-    original = defaults.default_schedule
-
-    def with_option(func, isa, mod=None, knobs=None):
-        k = Knobs(others=option)
-        out = original(func, isa, mod=mod, knobs=k)
-        seen.update(k.seen)
-        return out
-
-    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    seen = _every_knob_at(option, monkeypatch)
     kinds, c = _check(single_conv_model(3, 24, 63, stride=2, padding=0), tmp_path, target)
     assert kinds == {KIND: 1}, kinds
     assert c.ok, c.summary()
@@ -164,19 +170,7 @@ def test_wrong_depthwise_weights_are_caught(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option", [0, 1, 3, 5])
 @pytest.mark.parametrize("target", ["x86", "x86-64-v3"])
 def test_every_depthwise_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
-    from graphgen.tune import defaults
-    from graphgen.tune.defaults import Knobs
-
-    seen = {}
-    original = defaults.default_schedule
-
-    def with_option(func, isa, mod=None, knobs=None):
-        k = Knobs(others=option)
-        out = original(func, isa, mod=mod, knobs=k)
-        seen.update(k.seen)
-        return out
-
-    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    seen = _every_knob_at(option, monkeypatch)
     kinds, c = _check(single_conv_model(8, 8, 24, w=32, groups=8), tmp_path, target)
     assert kinds == {DW_KIND: 1}, kinds
     assert c.ok, c.summary()
