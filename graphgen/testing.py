@@ -100,3 +100,22 @@ def compile_and_compare(model: onnx.ModelProto, out_dir: Path, target: str = "x8
     x = random_inputs(model)
     got = run_library(Path(out_dir) / "m.so", spec, model, x)
     return kinds, compare(got, run_onnxruntime(model, x), [o.name for o in model.graph.output], tolerance)
+
+
+def every_knob_at(option: int, monkeypatch) -> dict:
+    """Default schedules built with every knob at ``option`` (its last option where it has
+    fewer), through pytest's ``monkeypatch``; returns the knobs they met and their option counts."""
+    from graphgen.tune import defaults
+    from graphgen.tune.defaults import Knobs
+
+    seen = {}
+    original = defaults.default_schedule
+
+    def with_option(func, isa, mod=None, knobs=None):
+        k = Knobs(others=option)
+        out = original(func, isa, mod=mod, knobs=k)
+        seen.update(k.seen)
+        return out
+
+    monkeypatch.setattr(defaults, "default_schedule", with_option)
+    return seen

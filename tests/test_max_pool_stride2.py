@@ -37,10 +37,26 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_stride2_max_pools_match_onnxruntime(name, tmp_path, monkeypatch):
+# the same geometries with rows taken rows-first (the window's rows maxed into a row buffer
+# first, the kernel's form from ROW_MIN columns), plus rows that take that form by default
+WIDE = {
+    "wide_pad1": dict(c=2, h=70, w=70, pads=[1, 1, 1, 1]),
+    "wide_ceil_odd": dict(c=2, h=67, w=67, pads=[0, 0, 0, 0], ceil=True),
+}
+
+
+@pytest.mark.parametrize("rows_first", [False, True], ids=["three_rows", "rows_first"])
+@pytest.mark.parametrize("name", list(CASES) + list(WIDE))
+def test_stride2_max_pools_match_onnxruntime(name, rows_first, tmp_path, monkeypatch):
+    from graphgen.tune import max_pool_stride2
+
     monkeypatch.delenv("GRAPHGEN_POOL_SHUFFLES", raising=False)
-    kinds, c = compile_and_compare(_pool_model(**CASES[name]), tmp_path, "x86", TOL)
+    geometry = {**CASES, **WIDE}[name]
+    if rows_first:
+        monkeypatch.setattr(max_pool_stride2, "ROW_MIN", 0)  # every row at least a vector wide
+    else:
+        monkeypatch.setattr(max_pool_stride2, "ROW_MIN", 10_000)
+    kinds, c = compile_and_compare(_pool_model(**geometry), tmp_path, "x86", TOL)
     assert kinds.get(KIND) == 1, kinds
     assert c.ok, c.summary()
 
@@ -95,15 +111,17 @@ def test_hand_written_kernels_are_not_tuning_tasks(monkeypatch):
 
 
 @pytest.mark.parametrize("geometry", [((2, 27, 27), (13, 13), 0), ((3, 40, 40), (20, 20), 1),
-                                      ((2, 34, 34), (17, 17), 0)])
+                                      ((2, 34, 34), (17, 17), 0), ((2, 67, 67), (33, 33), 0),
+                                      ((2, 70, 70), (35, 35), 1)])
 def test_the_kernel_writes_nothing_past_its_output(geometry):
     """The last vector of a row ends at the last interior output, never past the row: the output
     is a view at the start of a larger canary-filled buffer, whose tail must be untouched."""
     import tvm
 
-    from graphgen.tune.max_pool_stride2 import max_pool_func
+    from graphgen.tune.max_pool_stride2 import ROW_MIN, max_pool_func
 
     (c, h, w), out_hw, pad = geometry
+    assert (w >= ROW_MIN) == (w > 64)  # both forms among the geometries
     func = max_pool_func((1, c, h, w), out_hw, pad, pad, parallel=False).with_attr("global_symbol", "main")
     kernel = tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
     x = np.random.default_rng(0).standard_normal((1, c, h, w)).astype(np.float32)

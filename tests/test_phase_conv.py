@@ -4,7 +4,7 @@ against onnxruntime (fp32, relative L2 < 1e-5)."""
 import pytest
 
 from graphgen.compile import resolve_target
-from graphgen.testing import compile_and_compare, single_conv_model
+from graphgen.testing import compile_and_compare, every_knob_at, single_conv_model
 from graphgen.tune import phase_conv
 
 TOL = 1e-5
@@ -13,24 +13,6 @@ KIND = "conv2d (phase-split)"
 
 def _check(model, tmp_path, target="x86"):
     return compile_and_compare(model, tmp_path, target, TOL)
-
-
-def _every_knob_at(option, monkeypatch) -> dict:
-    """Default schedules built with every knob at ``option``; returns the knobs they met."""
-    from graphgen.tune import defaults
-    from graphgen.tune.defaults import Knobs
-
-    seen = {}
-    original = defaults.default_schedule
-
-    def with_option(func, isa, mod=None, knobs=None):
-        k = Knobs(others=option)
-        out = original(func, isa, mod=mod, knobs=k)
-        seen.update(k.seen)
-        return out
-
-    monkeypatch.setattr(defaults, "default_schedule", with_option)
-    return seen
 
 
 CASES = {
@@ -91,7 +73,7 @@ def test_wrong_weights_are_caught(tmp_path, monkeypatch):
 def test_every_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
     """Each register tile the tuner may pick (AVX-512 and AVX2 lanes; 32 columns padded: tiles
     of one, two or four vectors), checked against onnxruntime."""
-    seen = _every_knob_at(option, monkeypatch)
+    seen = every_knob_at(option, monkeypatch)
     kinds, c = _check(single_conv_model(3, 24, 63, stride=2, padding=0), tmp_path, target)
     assert kinds == {KIND: 1}, kinds
     assert c.ok, c.summary()
@@ -170,7 +152,7 @@ def test_wrong_depthwise_weights_are_caught(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option", [0, 1, 3, 5])
 @pytest.mark.parametrize("target", ["x86", "x86-64-v3"])
 def test_every_depthwise_tile_option_matches_onnxruntime(target, option, tmp_path, monkeypatch):
-    seen = _every_knob_at(option, monkeypatch)
+    seen = every_knob_at(option, monkeypatch)
     kinds, c = _check(single_conv_model(8, 8, 24, w=32, groups=8), tmp_path, target)
     assert kinds == {DW_KIND: 1}, kinds
     assert c.ok, c.summary()

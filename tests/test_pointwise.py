@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from graphgen.compile import resolve_target
-from graphgen.testing import compile_and_compare, single_conv_model
+from graphgen.testing import compile_and_compare, every_knob_at, single_conv_model
 from graphgen.tune import pointwise
 
 TOL = 1e-5
@@ -233,3 +233,22 @@ def test_positions_past_the_last_whole_vector_are_computed_apart_where_padding_w
         assert kinds == {"pointwise conv2d": 1}, kinds
         assert c is None or c.ok, c.summary()
         assert (c is not None) == (target_name != "arm")
+
+
+@pytest.mark.parametrize("target_name", ["avx512", "x86-64-v3"])
+@pytest.mark.parametrize("option", [0, 1, 2, 3])
+def test_every_gemm_tile_of_a_7x7_image_matches_onnxruntime(target_name, option, tmp_path, monkeypatch):
+    """The 48 whole-vector positions of a 7x7 image take tiles of 1, 2 or 3 vectors (16 or 8
+    lanes), each vector its own unrolled step; every option against onnxruntime. By default
+    AVX-512 takes 3 vectors x 8 channels (24 FMAs per 3 + 8 loads)."""
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    model = _model(c=32, k=40, h=7)
+    if option == 0 and target_name == "avx512":
+        (f,) = _scheduled_pointwise(model, target_name)
+        text = f.script()
+        assert "in T.unroll(T.int64(3)):" in text and "T.vectorized(T.int64(48))" not in text
+    seen = every_knob_at(option, monkeypatch)
+    kinds, c = _check(model, tmp_path, target_name)
+    assert kinds == {"pointwise conv2d": 1}, kinds
+    assert c.ok, c.summary()
+    assert seen.get("pointwise.tile", 0) > 3, seen
