@@ -26,26 +26,11 @@ from graphgen.verify import compare, random_inputs, run_onnxruntime
 BIG = 30_000_000
 
 
-@pytest.fixture
-def memory_returned():
-    """After each build: the garbage collected and glibc's free memory handed back, so one
-    worker's footprint does not grow build after build (a worker reached 10.5 GB)."""
-    yield
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 # one worker for all of them (README's --dist loadgroup): two large networks built at once,
 # each near 4-5 GB with what the worker held before, ran a 24 GB CI machine out of memory
 @pytest.mark.xdist_group("recipe_builds")
 @pytest.mark.parametrize("name", names())
-def test_recipe_builds_for_x86_and_arm(name, tmp_path, memory_returned):
+def test_recipe_builds_for_x86_and_arm(name, tmp_path):
     recipe = get(name)
     size = recipe.test_input_size or recipe.input_size
     g = build_recipe(name, input_size=size)
