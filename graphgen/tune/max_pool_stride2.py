@@ -42,6 +42,9 @@ KIND = "pool (stride 2, shuffles)"
 #: TVM's OpPatternKind kOpaque: FuseOps leaves the call alone
 _OPAQUE = 8
 
+#: both forms of the kernel: complete as written, opaque to FuseOps, counted under KIND
+_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE, "graphgen.kind": KIND}
+
 
 def enabled() -> bool:
     """``GRAPHGEN_POOL_SHUFFLES=0`` keeps graphgen's pool schedule for these pools (to compare)."""
@@ -106,7 +109,7 @@ def max_pool_func(shape, out_hw, pad_top: int, pad_left: int, parallel: bool = T
     @T.prim_func(private=True, s_tir=True)
     def max_pool2d_stride2(x: T.Buffer((n_b, c_in, h, w), "float32"),
                            y: T.Buffer((n_b, c_in, out_h, out_w), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE, "graphgen.kind": KIND})
+        T.func_attr(_ATTRS)
         acc = T.sblock_alloc_buffer((lanes,), "float32")
         scalar = T.sblock_alloc_buffer((1,), "float32")
         for nc in par(nc_total):
@@ -144,7 +147,7 @@ def max_pool_func(shape, out_hw, pad_top: int, pad_left: int, parallel: bool = T
     @T.prim_func(private=True, s_tir=True)
     def max_pool2d_stride2_rows(x: T.Buffer((n_b, c_in, h, w), "float32"),
                                 y: T.Buffer((n_b, c_in, out_h, out_w), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE, "graphgen.kind": KIND})
+        T.func_attr(_ATTRS)
         acc = T.sblock_alloc_buffer((lanes,), "float32")
         scalar = T.sblock_alloc_buffer((1,), "float32")
         row = T.sblock_alloc_buffer((w,), "float32")
