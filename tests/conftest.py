@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 
 import pytest
@@ -13,13 +15,43 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "large_memory: holds the large-build lock for the whole test (see large_build_lock)"
+    )
+
+
+@pytest.fixture
+def large_build_lock(tmp_path_factory):
+    """A context manager that lets one test at a time, across all xdist workers, run a build
+    that peaks at several GB (a VGG or FCN compiles in 5-12 GB). Two at once ran the 24 GB CI
+    machine out of memory. xdist's ``--dist loadgroup`` was meant to keep them on one worker,
+    but with pytest 9.2 it no longer groups anything (xdist 3.8 renames ``item._nodeid``, which
+    pytest 9.2 no longer reads), so an OS file lock does it: it works with any scheduler. The
+    lock file lives in the run's shared base folder (the parent of each worker's own)."""
+    path = tmp_path_factory.getbasetemp().parent / "graphgen-large-builds.lock"
+
+    @contextlib.contextmanager
+    def hold():
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return hold
+
+
 @pytest.fixture(autouse=True)
-def memory_returned():
+def memory_returned(request):
     """After every test: the garbage collected and glibc's free memory handed back, so a
-    worker's footprint does not grow test after test (one kept 7.2 GB after its builds). Not
-    enough on its own at stop 18: one test near the run's end still reached 12.8 GB and the
-    24 GB CI machine ran out of memory; that test is not yet found."""
-    yield
+    worker's footprint does not grow test after test (one kept 7.2 GB after its builds).
+    Tests marked ``large_memory`` also hold the large-build lock from start to end."""
+    with contextlib.ExitStack() as stack:
+        if request.node.get_closest_marker("large_memory"):
+            stack.enter_context(request.getfixturevalue("large_build_lock")())
+        yield
     import ctypes
     import gc
 

@@ -279,7 +279,10 @@ def test_lenet5_takes_only_32x32(name):
 
 
 # ----------------------------------------------------------------------------- onnxruntime
-@pytest.mark.parametrize("name", [n for n in ALL if n not in VGG] + VGG_RUN)
+@pytest.mark.parametrize(
+    "name",
+    [n for n in ALL if n not in VGG] + [pytest.param(n, marks=pytest.mark.large_memory) for n in VGG_RUN],
+)
 def test_builds_checks_and_runs_on_onnxruntime(name):
     g = small(name)
     onnx_full_check(g.model)
@@ -333,6 +336,7 @@ def test_alexnet_adaptive_avg_pool_is_exact_at_a_non_divisible_size():
                                atol=1e-6)
 
 
+@pytest.mark.large_memory
 def test_vgg_adaptive_pool_takes_a_1x1_map_to_7x7():
     g = small("vgg11_bn")
     assert _value_shapes(g.model)["features.28.maxpool"] == (1, 512, 1, 1)

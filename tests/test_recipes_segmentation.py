@@ -201,6 +201,7 @@ def test_paper_parameter_counts(name):
 # FCN-32s/16s are checked at narrower fc6/fc7 (``fc_channels``) against the same layer-by-layer sums.
 
 
+@pytest.mark.large_memory
 def test_fcn8s_full_width():
     g = build_recipe("fcn8s", input_size=(32, 32))
     onnx_full_check(g.model)
