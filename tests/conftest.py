@@ -24,11 +24,12 @@ def pytest_configure(config):
 @pytest.fixture
 def large_build_lock(tmp_path_factory):
     """A context manager that lets one test at a time, across all xdist workers, run a build
-    that peaks at several GB (a VGG or FCN compiles in 5-12 GB). Two at once ran the 24 GB CI
+    that raises a worker's peak memory by up to 3 GB, to 12-13.5 GB (VGGs, FCNs). Two at once ran the 24 GB CI
     machine out of memory. xdist's ``--dist loadgroup`` was meant to keep them on one worker,
     but with pytest 9.2 it no longer groups anything (xdist 3.8 renames ``item._nodeid``, which
     pytest 9.2 no longer reads), so an OS file lock does it: it works with any scheduler. The
-    lock file lives in the run's shared base folder (the parent of each worker's own)."""
+    lock file lives in the run's shared base folder (the parent of each worker's own); its
+    path is ``large_build_lock.path``."""
     path = tmp_path_factory.getbasetemp().parent / "graphgen-large-builds.lock"
 
     @contextlib.contextmanager
@@ -40,6 +41,7 @@ def large_build_lock(tmp_path_factory):
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    hold.path = path
     return hold
 
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 
-def test_another_process_cannot_take_the_lock_while_a_test_holds_it(large_build_lock, tmp_path_factory):
-    path = tmp_path_factory.getbasetemp().parent / "graphgen-large-builds.lock"
+def test_another_process_cannot_take_the_lock_while_a_test_holds_it(large_build_lock):
+    path = large_build_lock.path
     probe = (
         "import fcntl, sys\n"
         f"f = open({str(path)!r}, 'a')\n"

@@ -26,7 +26,7 @@ from graphgen.registry import build_recipe, get, names
 from graphgen.verify import compare, random_inputs, run_onnxruntime
 
 BIG = 30_000_000
-LARGE = 100_000_000  # VGGs, FCN-8s/16s/32s, Wide ResNet-101: the ones that peak at 5-12 GB
+LARGE = 100_000_000  # VGGs, FCN-8s/16s/32s, Wide ResNet-101: the ones that raise a worker's peak to 12-13.5 GB
 
 
 @pytest.mark.parametrize("name", names())
