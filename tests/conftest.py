@@ -45,6 +45,32 @@ def large_build_lock(tmp_path_factory):
     return hold
 
 
+def _return_memory_to_the_os():
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_caches_cleared(request):
+    """After a test module's tests on this worker: every ``functools.lru_cache`` defined in the
+    module is emptied. The recipe tests cache built graphs (several tests read one graph), and
+    a worker that kept every module's graphs grew to 7-10 GB before the zoo builds started;
+    with a 3-4 GB VGG build on top, two such workers ran the 24 GB CI machine out of memory
+    (the kernel killed one; xdist then waited forever on the dead worker). A module whose tests
+    come back later on the same worker just builds its graphs again."""
+    yield
+    for value in list(vars(request.module).values()):
+        if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+            value.cache_clear()
+    _return_memory_to_the_os()
+
+
 @pytest.fixture(autouse=True)
 def memory_returned(request):
     """After every test: the garbage collected and glibc's free memory handed back, so a
@@ -54,11 +80,4 @@ def memory_returned(request):
         if request.node.get_closest_marker("large_memory"):
             stack.enter_context(request.getfixturevalue("large_build_lock")())
         yield
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _return_memory_to_the_os()
