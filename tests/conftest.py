@@ -58,8 +58,8 @@ def _return_memory_to_the_os():
 
 @pytest.fixture(scope="module", autouse=True)
 def module_caches_cleared(request):
-    """After a test module's tests on this worker: every ``functools.lru_cache`` defined in the
-    module is emptied. The recipe tests cache built graphs (several tests read one graph), and
+    """After a test module's tests on this worker: every ``functools.lru_cache`` among the
+    module's globals (its own or imported) is emptied. The recipe tests cache built graphs (several tests read one graph), and
     a worker that kept every module's graphs grew to 7-10 GB before the zoo builds started;
     with a 3-4 GB VGG build on top, two such workers ran the 24 GB CI machine out of memory
     (the kernel killed one; xdist then waited forever on the dead worker). A module whose tests
