@@ -108,8 +108,8 @@ def test_search_state_round_trips_and_a_corrupt_or_foreign_file_is_a_fresh_start
 
 def _knob_model():
     """One kernel of each searched class: a 3-channel strided stem (phase-split), a strided 3x3
-    conv (channel tiles), a Winograd conv, a pointwise conv, two depthwise convs (on rows, and
-    strided: channel-blocked), a conv with 6
+    conv (channel tiles), a Winograd conv, a pointwise conv, three depthwise convs (on rows, 3x3
+    stride 2: the shuffle kernel, which has no knobs, and 5x5 stride 2: channel-blocked), a conv with 6
     channels (no channel vector: row tiles), a strided conv with 6 (scalar row pieces) and a
     dense layer."""
     from graphgen.builder import GraphBuilder
@@ -121,7 +121,8 @@ def _knob_model():
     x = b.relu(b.conv(x, 16, 3, padding=1, name="wino"))                  # Winograd F(4x4)
     x = b.relu(b.conv(x, 32, 1, name="pw"))                               # pointwise GEMM
     x = b.relu(b.conv(x, 32, 3, padding=1, groups=32, name="dw"))          # depthwise, on rows
-    x = b.relu(b.conv(x, 32, 3, stride=2, padding=1, groups=32, name="dw2"))  # strided: channel-blocked
+    x = b.relu(b.conv(x, 32, 3, stride=2, padding=1, groups=32, name="dw2"))  # 3x3 / stride 2: shuffles
+    x = b.relu(b.conv(x, 32, 5, stride=2, padding=2, groups=32, name="dw3"))  # 5x5 / 2: channel-blocked
     y = b.relu(b.conv(x, 6, 3, padding=1, name="rows"))                   # 6 channels: row tiles
     y = b.relu(b.conv(y, 6, 3, stride=2, padding=1, name="odd"))          # strided, 6 channels
     y = b.flatten(b.global_avg_pool(y))
@@ -150,7 +151,8 @@ def test_every_knob_option_matches_onnxruntime(tmp_path, monkeypatch, option):
     kinds, cmp = compile_and_compare(_knob_model(), tmp_path)
     assert cmp.ok, cmp.summary()
     for kind in ("conv2d", "conv2d (phase-split)", "winograd conv2d F(4x4)", "pointwise conv2d",
-                 "depthwise conv2d (channel-blocked)", "depthwise conv2d (rows)", "dense"):
+                 "depthwise conv2d (channel-blocked)", "depthwise conv2d (rows)", "dense",
+                 "depthwise conv2d (stride 2, shuffles)"):
         assert kind in kinds, kinds
     # the knobs exercised, and that several have real alternatives to measure
     assert {"conv.tile", "winograd.gemm_tile", "pointwise.tile", "depthwise.tile", "depthwise.pad",

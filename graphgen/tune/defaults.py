@@ -1061,6 +1061,32 @@ def schedule_generic(sch, isa, outputs):
     return "generic"
 
 
+def schedule_depthwise_stride2(sch, main, isa, outputs) -> str:
+    """graphgen's hand-written 3x3 / stride-2 depthwise kernel (:mod:`graphgen.tune.depthwise_stride2`),
+    one block per output row: the fused tail (bias, activation) runs on each row right after it,
+    vectorized along it, and the rows are parallel when there are enough outputs to share."""
+    from graphgen.tune import depthwise_stride2
+
+    tail = _inline_tail(sch, main, outputs)
+    nc, oy = sch.get_loops(main)
+    if tail is not None:
+        sch.reverse_compute_at(tail, oy)
+        row = sch.get_loops(tail)[-1]
+        width = _int(sch.get(row).extent)
+        # a whole row as one vector (7-56 columns in MobileNetV2 and ShuffleNetV2: LLVM splits
+        # it into registers), wider rows in pieces of the largest divisor that is a few vectors
+        piece = max((d for d in _divisors(width) if d <= 4 * isa.lanes), default=1)
+        if piece > 1:
+            if piece < width:
+                row = sch.split(row, factors=[None, piece])[1]
+            sch.vectorize(row)
+    out = _buf(sch.get(main).writes[0])
+    if _int(sch.get(nc).extent) > 1 and \
+            _int(sch.get(nc).extent) * _int(sch.get(oy).extent) * _int(out.shape[-1]) >= PARALLEL_MIN_ITERATIONS:
+        sch.parallel(nc)
+    return depthwise_stride2.KIND
+
+
 _MAIN = {
     "conv2d_nchw": schedule_conv,
     "group_conv2d_nchw": schedule_conv,
@@ -1099,6 +1125,11 @@ def default_schedule(func, isa: Isa, mod=None, knobs: Knobs | None = None):
     sch = Schedule(base)
     outputs = _output_blocks(sch)
     blocks = _blocks(sch)
+    from graphgen.tune.depthwise_stride2 import BLOCK as DEPTHWISE_STRIDE2
+
+    hand_written = [b for b in blocks if sch.get(b).name_hint == DEPTHWISE_STRIDE2]
+    if len(hand_written) == 1:  # graphgen's own kernel in TIR and its fused tail
+        return sch, schedule_depthwise_stride2(sch, hand_written[0], isa, outputs)
     if any(not sch.get(b).iter_vars for b in blocks):
         # opaque blocks (extern calls such as argsort, hand-written loops in NMS) read buffers
         # the schedule primitives cannot see: inlining a producer breaks them

@@ -85,13 +85,32 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, 
 
 def extract_tasks(fused_mod, target):
     """MetaSchedule's tuning tasks: every fused kernel but graphgen's hand-written ones
-    (``tirx.is_scheduled``, e.g. :mod:`graphgen.tune.max_pool_stride2`), which no search changes."""
+    (``tirx.is_scheduled``, e.g. :mod:`graphgen.tune.max_pool_stride2`), which no search changes,
+    and those fused with one (:mod:`graphgen.tune.depthwise_stride2`: MetaSchedule cannot even
+    serialize its vector expressions, "Do not have a default for prim.Broadcast"); those keep
+    their default schedule."""
     from tvm import tirx
     from tvm.s_tir import meta_schedule as ms
 
     tasks = ms.relax_integration.extract_tasks(fused_mod, target, module_equality="structural")
     return [t for t in tasks
-            if not any(isinstance(f, tirx.PrimFunc) and _is_scheduled(f) for f in t.dispatched[0].functions.values())]
+            if not any(isinstance(f, tirx.PrimFunc) and (_is_scheduled(f) or _has_hand_written_block(f))
+                       for f in t.dispatched[0].functions.values())]
+
+
+def _has_hand_written_block(func) -> bool:
+    """Whether ``func`` holds the block of graphgen's hand-written stride-2 depthwise kernel."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    from graphgen.tune.defaults import _blocks
+    from graphgen.tune.depthwise_stride2 import BLOCK
+
+    try:
+        sch = Schedule(tvm.IRModule({"main": func}))
+        return any(sch.get(b).name_hint == BLOCK for b in _blocks(sch))
+    except Exception:  # noqa: BLE001 - not a block-structured kernel: not this one
+        return False
 
 
 @dataclass

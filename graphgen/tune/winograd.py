@@ -230,16 +230,21 @@ def _conv_facts(call):
 def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool | None = None):
     """Legalization of ``relax.nn.conv2d``: Winograd where it qualifies, pointwise GEMM for 1x1
     convs (:mod:`graphgen.tune.pointwise`; ``pointwise_kernels``: None = the environment's), the
-    phase-split kernel for strided stems (:mod:`graphgen.tune.phase_conv`), else TVM's own."""
+    phase-split kernel for strided stems and stride-1 depthwise convs (:mod:`graphgen.tune.phase_conv`),
+    the shuffle kernel for 3x3 / stride-2 depthwise convs (:mod:`graphgen.tune.depthwise_stride2`),
+    else TVM's own."""
     import tvm
     from tvm import relax
 
-    from graphgen.tune import phase_conv, pointwise
+    from graphgen.tune import depthwise_stride2, phase_conv, pointwise
 
     tvm_conv = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
-    def strided_or_tvm(bb_, call_):  # strided stems: graphgen's phase-split kernel
-        return phase_conv.legalize(bb_, call_, tvm_conv)
+    def stride2_depthwise_or_tvm(bb_, call_):  # 3x3 / stride-2 depthwise: graphgen's shuffle kernel
+        return depthwise_stride2.legalize(bb_, call_, tvm_conv)
+
+    def strided_or_tvm(bb_, call_):  # strided stems, stride-1 depthwise: graphgen's phase-split kernel
+        return phase_conv.legalize(bb_, call_, stride2_depthwise_or_tvm)
 
     def default(bb_, call_):  # 1x1 convs: graphgen's pointwise GEMM kernel; the rest as above, or TVM's
         return pointwise.legalize(bb_, call_, strided_or_tvm, pointwise_kernels)
