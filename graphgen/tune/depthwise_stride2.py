@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 
 from graphgen.tune.conv_call import OUT_ELEMWISE_FUSABLE
+from graphgen.tune.max_pool_stride2 import interior, row_geometry, window_shuffles
 
 #: the kernel's block; :func:`graphgen.tune.defaults.default_schedule` finds it by this name
 BLOCK = "depthwise_conv2d_stride2"
@@ -49,11 +50,6 @@ def enabled() -> bool:
 
 def _out_size(size: int, before: int, after: int) -> int:
     return (size + before + after - 3) // 2 + 1
-
-
-def _interior(w: int, out_w: int, pad_left: int) -> tuple[int, int]:
-    """The first and last output columns whose three window columns lie inside the row."""
-    return (pad_left + 1) // 2, min((w - 3 + pad_left) // 2, out_w - 1)
 
 
 def _facts(call):
@@ -80,15 +76,10 @@ def depthwise_stride2_func(shape, out_hw, pad_top: int, pad_left: int):
     out_h, out_w = out_hw
     nc_total = n_b * c_in
     pt, pl = pad_top, pad_left
-    lo, hi = _interior(w, out_w, pl)
+    lo, hi = interior(w, out_w, pl)
     lanes = LANES if hi - lo + 1 >= LANES else NARROW_LANES
-    blocks = -(-(hi - lo + 1) // lanes) if hi - lo + 1 >= lanes else 0
-    left_end = lo if blocks else out_w  # outputs [0, left_end) and [right_start, out_w): scalar
-    right_start = hi + 1 if blocks else out_w
-    n_scalar = left_end + out_w - right_start
-    even = list(range(0, 2 * lanes, 2))
-    odd = list(range(1, 2 * lanes, 2))
-    next_even = list(range(2, 2 * lanes + 1, 2))
+    lo, hi, blocks, left_end, right_start, n_scalar = row_geometry(w, out_w, pl, lanes)
+    even, odd, next_even = window_shuffles(lanes)
     zero = T.float32(0)
     i64 = T.int64  # Relax's shapes are int64: FuseTIR maps buffers of the same shape type only
 

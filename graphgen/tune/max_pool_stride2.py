@@ -82,6 +82,30 @@ def _facts(call):
     return shape, out_shape[2:], pads[0], pads[1]
 
 
+def interior(w: int, out_w: int, pad_left: int) -> tuple[int, int]:
+    """The first and last output columns of a 3-wide stride-2 window whose three input columns
+    lie inside the row of ``w``."""
+    return (pad_left + 1) // 2, min((w - 3 + pad_left) // 2, out_w - 1)
+
+
+def row_geometry(w: int, out_w: int, pad_left: int, lanes: int):
+    """How a row of ``out_w`` outputs splits: (first and last interior output, vectors of
+    ``lanes`` interior outputs, then outputs ``[0, left_end)`` and ``[right_start, out_w)``,
+    ``n_scalar`` of them, computed one at a time). With fewer interior outputs than a vector,
+    every output is scalar."""
+    lo, hi = interior(w, out_w, pad_left)
+    blocks = -(-(hi - lo + 1) // lanes) if hi - lo + 1 >= lanes else 0
+    left_end = lo if blocks else out_w
+    right_start = hi + 1 if blocks else out_w
+    return lo, hi, blocks, left_end, right_start, left_end + out_w - right_start
+
+
+def window_shuffles(lanes: int) -> tuple[list, list, list]:
+    """Shuffle indices taking a window's columns 0, 1 and 2 apart from ``2 * lanes + 1``
+    consecutive inputs (two vectors and an element): even lanes, odd lanes, even lanes shifted by one."""
+    return list(range(0, 2 * lanes, 2)), list(range(1, 2 * lanes, 2)), list(range(2, 2 * lanes + 1, 2))
+
+
 def max_pool_func(shape, out_hw, pad_top: int, pad_left: int, parallel: bool = True):
     """The kernel (a ``tirx.PrimFunc``) for an NCHW ``shape`` pooled to ``out_hw``."""
     from tvm.script import tirx as T
@@ -91,16 +115,8 @@ def max_pool_func(shape, out_hw, pad_top: int, pad_left: int, parallel: bool = T
     nc_total = n_b * c_in
     lanes = LANES
     pt, pl = pad_top, pad_left
-    # interior outputs: the window's three columns inside the row
-    lo = (pl + 1) // 2
-    hi = min((w - 3 + pl) // 2, out_w - 1)
-    blocks = -(-(hi - lo + 1) // lanes) if hi - lo + 1 >= lanes else 0
-    left_end = lo if blocks else out_w  # outputs [0, left_end) and [right_start, out_w): scalar
-    right_start = hi + 1 if blocks else out_w
-    n_scalar = left_end + out_w - right_start
-    even = list(range(0, 2 * lanes, 2))
-    odd = list(range(1, 2 * lanes, 2))
-    next_even = list(range(2, 2 * lanes + 1, 2))
+    lo, hi, blocks, left_end, right_start, n_scalar = row_geometry(w, out_w, pl, lanes)
+    even, odd, next_even = window_shuffles(lanes)
     lowest = T.float32(-3.4028234663852886e38)  # the padding: below every finite input
     par = T.parallel if parallel else T.serial
 
