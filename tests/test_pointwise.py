@@ -1,6 +1,8 @@
 """1x1 convs as a GEMM over the flattened image (graphgen.tune.pointwise), against onnxruntime
 (fp32, relative L2 < 1e-5)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -157,21 +159,33 @@ def _scheduled_pointwise(model, target_name="x86"):
     return [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "pointwise" in gv.name_hint]
 
 
+def _with_knobs(monkeypatch, choices: dict) -> None:
+    """Default schedules built with the knob options ``choices`` (the rest: the defaults)."""
+    from graphgen.tune import defaults
+    from graphgen.tune.defaults import Knobs
+
+    original = defaults.default_schedule
+    monkeypatch.setattr(defaults, "default_schedule",
+                        lambda func, isa, mod=None, knobs=None: original(func, isa, mod=mod, knobs=Knobs(choices)))
+
+
 @pytest.mark.parametrize("target_name", ["x86-64-v3", "avx512", "arm"])
 @pytest.mark.parametrize("h", [14, 7, 13])
 def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_repacked_once(
         target_name, h, monkeypatch):
-    """Rows of 14, 7 or 13 columns are no vector: the crop and its tail run over the image as
-    one axis, whole vectors then the rest (``loop_partition``). The partition leaves the
-    kernel ill-formed until it is parsed again, and a kernel no Schedule can be made of lost
-    its ``layout_free_buffers`` mark: the weights were repacked on every call (measured:
-    ShuffleNetV2's 464 -> 1024 conv 0.60 -> 0.82 ms)."""
+    """In two passes (the only choice at 7x7, the positions past the last vector computed
+    apart; a knob option at 14x14 and 13x13), rows of 14, 7 or 13 columns are no vector: the
+    crop and its tail run over the image as one axis, whole vectors then the rest
+    (``loop_partition``). The partition leaves the kernel ill-formed until it is parsed again,
+    and a kernel no Schedule can be made of lost its ``layout_free_buffers`` mark: the weights
+    were repacked on every call (measured: ShuffleNetV2's 464 -> 1024 conv 0.60 -> 0.82 ms)."""
     import tvm
     from tvm.s_tir import Schedule
 
     from graphgen.tune.defaults import has_layout_rewrite
 
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    _with_knobs(monkeypatch, {"pointwise.passes": 1})  # 14, 13: ["write-back", "two"]; 7: ["two"]
     (f,) = _scheduled_pointwise(_model(c=16, k=24, h=h), target_name)
     Schedule(tvm.IRModule({"main": f}))  # well-formed
     assert "layout_free_buffers" in f.attrs and has_layout_rewrite(f)
@@ -180,6 +194,36 @@ def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_r
     crop = text.split("pointwise_gemm_global[v0, v1, v2]\n")[-1]  # after the GEMM's write-back
     assert f"T.vectorized(T.int64({lanes}))" in crop
     assert ("_fused0_partition" in crop) == (h * h % lanes != 0)
+
+
+@pytest.mark.parametrize("target_name,c,k,h", [
+    *((t, *g) for t in ("x86-64-v3", "avx512", "arm") for g in ((16, 24, 14), (16, 24, 13))),
+    # 56 and 28 columns are whole tiles of two 4-lane NEON vectors (the rows path), not of AVX's
+    *((t, *g) for t in ("x86-64-v3", "avx512") for g in ((24, 144, 56), (58, 58, 28)))])
+def test_the_tail_runs_in_the_gemm_tiles_write_back_where_rows_are_no_tiles(target_name, c, k, h, monkeypatch):
+    """By default a pointwise GEMM whose rows are no whole tiles (14, 13, 56 or 28 columns) is
+    one pass: the crop and its tail are inlined into the register tile's write-back, which
+    stores the output (predicated where positions or channels are padded) from the vector it
+    holds; no intermediate of the whole GEMM is left, and the weights are still repacked once.
+    Numerics: ``test_pointwise_kernels_match_onnxruntime`` (these geometries are its cases)."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    from graphgen.tune.defaults import has_layout_rewrite
+
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    (f,) = _scheduled_pointwise(_model(c=c, k=k, h=h), target_name)
+    Schedule(tvm.IRModule({"main": f}))  # well-formed
+    assert "layout_free_buffers" in f.attrs and has_layout_rewrite(f)
+    text = f.script()
+    lanes = {"avx512": 16, "x86-64-v3": 8, "arm": 4}[target_name]
+    write_back = text.split('T.sblock("pointwise_gemm_global")')
+    assert len(write_back) == 2, text
+    assert f"T.vectorized(T.int64({lanes}))" in write_back[0].rsplit("for ", 1)[-1]
+    assert "T.max(pointwise_gemm_global[v0, v1, v2] + " in write_back[1]  # bias and ReLU on the tile
+    # the output is written there, and nothing reads the GEMM's rows again
+    assert re.search(r"T.writes\((T_relu|compute)_intermediate\[", write_back[1].split("T.sblock(", 1)[0]), write_back[1][:600]
+    assert "pointwise_gemm[" not in text and 'T.sblock("pointwise_out")' not in text
 
 
 def test_ill_formed_kernels_are_parsed_again():

@@ -768,26 +768,41 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
                    for kb in _divisors(k_out) if kb * nv <= limit]
         return [o[2:] for o in _ranked(options, key=lambda o: o)]
 
-    # measured (AVX2, one thread): 16 -> 96 at 112x112 0.55 ms fused vs 1.07 in two passes; at
-    # 56x56 rows take one vector per tile only, and fused ran 0.61 ms vs 0.33 in two passes.
-    # (Not with GEMM rows padded past the output channels: the output's channel loop would
-    # not split into whole tiles.)
+    # Where the tail runs (knob "pointwise.passes"):
+    #   "rows"       the GEMM tile computed inside the output rows that consume it, when rows are
+    #                whole tiles (measured, AVX2, one thread: 16 -> 96 at 112x112 0.55 ms vs 1.07
+    #                in two passes). Tiles that cross rows make TVM's region analysis
+    #                over-approximate the GEMM's footprint (each tile recomputes its row's start),
+    #                and GEMM rows padded past the output channels do not split into whole tiles.
+    #   "write-back" the crop and tail inlined into the register tile's write-back
+    #                (reverse_compute_inline: the output index y * W + x is the GEMM's own
+    #                position), so any image whose positions are whole vectors is one pass too.
+    #                Not with the rest computed apart: its GEMM would run after the write-back.
+    #   "two"        the GEMM's rows written whole, then the crop and tail over them.
     whole_rows = _int(sch.get(ok_).extent) == k_out
     fused_tiles = _fused_pointwise_tiles(tiles(width), lanes) if not pads and not rest and whole_rows else []
-    passes = knobs.pick("pointwise.passes", ([1] if fused_tiles else []) + ([2] if tiles(p_pad) else []))
-    if passes == 1:
-        # output rows that are whole tiles: the GEMM tile is computed where the output (and its
-        # fused tail) consumes it, in registers; no second pass over the result. (Tiles that
-        # cross rows would make TVM's region analysis over-approximate the GEMM's footprint.)
+    gemm_tiles = tiles(p_pad, vectors=(1, 2, 3, 4))
+    passes = knobs.pick("pointwise.passes", (["rows"] if fused_tiles else [])
+                        + (["write-back", "two"] if gemm_tiles and not rest else ["two"] if gemm_tiles else []))
+    # Loop order (knob "pointwise.order"). Channel blocks outside positions: each thread writes
+    # kb output rows front to back. Positions outside: every output row is written a tile at a
+    # time, K streams at once, while a panel of input rows stays in L1. Measured (Xeon,
+    # AVX-512, one thread, 2026-12): 16 -> 96 at 112x112 in rows 0.58-0.81 ms channels outside
+    # vs 3.1 positions outside (onnxruntime 1.2-1.4); 24 -> 144 at 56x56 by write-back 0.38-0.41
+    # vs 0.83-0.98 (0.66). (Earlier, on a Zen 5 host, positions outside measured a little
+    # faster in MobileNetV2 in two passes: 5.88 ms against 5.99.)
+    channels_outside = knobs.pick("pointwise.order", ["channels outside", "positions outside"]) == "channels outside"
+    if passes == "rows":
         nv, kb = knobs.pick("pointwise.tile", fused_tiles)
         op_ = sch.fuse(oy, ox)
         k_o, k_i = sch.split(ok_, factors=[None, kb])
         p_o, p_i = sch.split(op_, factors=[None, nv * lanes])
-        sch.reorder(on, p_o, k_o, k_i, p_i)
-        sch.compute_at(gemm, k_o, preserve_unit_loops=True)
+        outer = (on, k_o, p_o) if channels_outside else (on, p_o, k_o)
+        sch.reorder(*outer, k_i, p_i)
+        sch.compute_at(gemm, outer[-1], preserve_unit_loops=True)
         gk, gp, gr = sch.get_loops(gemm)[-3:]
         sch.reorder(gr, gk, gp)
-        sch.parallel(sch.fuse(on, p_o, k_o))
+        sch.parallel(sch.fuse(*outer))
         sch.vectorize(p_i)
         sch.unroll(k_i)
         sch.vectorize(gp)
@@ -797,16 +812,16 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
         return kind
     # rows of nv single vectors, unrolled (so 3 vectors too: 48 positions of a 7x7 image, 24
     # FMAs per 3 + 8 loads instead of 12 per 1 + 12)
-    nv, kb = knobs.pick("pointwise.tile", tiles(p_pad, vectors=(1, 2, 3, 4)))
+    nv, kb = knobs.pick("pointwise.tile", gemm_tiles)
     ln, lk, lp, lr = sch.get_loops(gemm)
     k_o, k_i = sch.split(lk, factors=[None, kb])
     p_o, p_v, p_i = sch.split(lp, factors=[None, nv, lanes])
-    # positions outside channels: a panel of input rows (C x nv vectors) stays in L1 while
-    # every weight block passes over it. (Channels outside, the rest's tiles merged into the
-    # same loop over weight blocks so each is read once, measured slower in MobileNetV2: 5.99
-    # ms against 5.88, though faster on a cold cache alone: 320 -> 1280 at 7x7 0.45 against 0.63.)
-    sch.reorder(ln, p_o, k_o, lr, k_i, p_v, p_i)
-    _register_tiled_gemm(sch, gemm, (ln, p_o, k_o), lr, unrolled=(k_i, p_v), vector=p_i, lanes=lanes)
+    outer = (ln, k_o, p_o) if channels_outside else (ln, p_o, k_o)
+    sch.reorder(*outer, lr, k_i, p_v, p_i)
+    _register_tiled_gemm(sch, gemm, outer, lr, unrolled=(k_i, p_v), vector=p_i, lanes=lanes)
+    if passes == "write-back":
+        sch.reverse_compute_inline(out)
+        return kind
     split_at = None
     if rest:
         split_at = p_pad
