@@ -34,6 +34,8 @@ CASES = {
     "shufflenet_464_1024_7": dict(c=64, k=1024, h=7),          # 49 positions: 48 + 1 computed apart
     "split_5x5_batch2": dict(c=24, k=40, h=5, batch=2),        # 25 positions: 16 + 9
     "split_9x9_residual": dict(c=16, k=16, h=9, residual=True),  # 81 positions: 80 + 1
+    "squeezenet_squeeze_55": dict(c=128, k=16, h=55),          # 3025 = 3024 + 1: more in than out
+    "squeezenet_squeeze_13": dict(c=512, k=64, h=13),          # 169 = 160 + 9
 }
 
 
@@ -261,19 +263,21 @@ def test_positions_past_the_last_whole_vector_are_computed_apart_where_padding_w
         target_name, tmp_path, monkeypatch):
     """A 7x7 image's 49 positions: a GEMM over 48 and one over the last (channels as the
     vector), not 64 padded positions (measured: ShuffleNetV2's 464 -> 1024 0.57 -> 0.47 ms).
-    14x14 (196 -> 208, 6 % padding) keeps its padded copy. Both against onnxruntime where they
-    run here (x86-64-v3 does)."""
+    14x14 (196 -> 208, 6 % padding) keeps its padded copy, unless the input has more channels
+    than the output (a squeeze conv: its copy would cost more than a second pass over the
+    output; 196 = 192 + 4). All against onnxruntime where they run here (x86-64-v3 does)."""
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
-    for h, split in ((7, True), (14, False)):
-        model = _model(c=32, k=40, h=h)
+    for h, c_in, k_out, main in ((7, 32, 40, 48), (14, 32, 40, None), (14, 64, 16, 192)):
+        model = _model(c=c_in, k=k_out, h=h)
         (f,) = _scheduled_pointwise(model, target_name)
         text = f.script()
+        split = main is not None
         assert ("pointwise_gemm_rest" in text) == split, h
         assert ("pointwise_data_pad" in text) == (not split), h
-        if split:
-            assert "T.sblock_alloc_buffer((T.int64(1), T.int64(40), T.int64(48)))" in text  # the main GEMM
-        (tmp_path / str(h)).mkdir()
-        kinds, c = _check(model, tmp_path / str(h), target_name)
+        if split:  # the main GEMM
+            assert f"T.sblock_alloc_buffer((T.int64(1), T.int64({k_out}), T.int64({main})))" in text
+        (tmp_path / f"{h}_{c_in}").mkdir()
+        kinds, c = _check(model, tmp_path / f"{h}_{c_in}", target_name)
         assert kinds == {"pointwise conv2d": 1}, kinds
         assert c is None or c.ok, c.summary()
         assert (c is not None) == (target_name != "arm")
