@@ -545,6 +545,53 @@ def test_default_schedules_compile_for_neon_and_avx512(tmp_path, target):
     assert ok, problem
 
 
+@pytest.mark.parametrize("target", ["x86-64-v3", "avx512", "arm"])
+@pytest.mark.parametrize("c, k, h, stride", [(128, 128, 28, 1), (64, 128, 56, 2), (128, 256, 28, 2)])
+def test_direct_conv_tiles_leave_llvm_registers_to_spare(target, c, k, h, stride, monkeypatch):
+    """Every register tile a direct conv may take keeps at most ``Isa.tile_limit`` accumulators
+    (AVX-512: 24 of 32 registers; 2 vectors x 14 positions spilled and ran 2.1x slower), and
+    the default is one of the fastest measured (4 vectors x 4 or 2 x 7 positions)."""
+    from tvm import tirx
+
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.testing import single_conv_model
+    from graphgen.tune import defaults
+    from graphgen.tune.pipeline import fuse
+
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "0")
+    picked = {}
+    original = defaults.Knobs.pick
+
+    def pick(self, name, options):
+        choice = original(self, name, options)
+        if name == "conv.tile":
+            picked["options"], picked["choice"] = list(options), choice
+        return choice
+
+    monkeypatch.setattr(defaults.Knobs, "pick", pick)
+    tvm_target = resolve_target(target).tvm_target()
+    isa = defaults.isa_of(tvm_target)
+    mod = fuse(import_onnx(single_conv_model(c, k, h, stride=stride)), tvm_target)
+    convs = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 1
+    _, kind = defaults.schedule_func(convs[0], isa)
+    assert kind == "conv2d", kind
+    accumulators = [o[1] for o in picked["options"]]   # (score, accumulators, ..., vk, wb, hb)
+    assert accumulators and max(accumulators) <= isa.tile_limit, picked["options"]
+    if isa.registers > 16:
+        assert isa.tile_limit == 24 and picked["choice"][1] in (14, 16), picked["choice"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_direct_conv_with_the_default_tile_matches_onnxruntime(stride, tmp_path, monkeypatch):
+    from graphgen.testing import compile_and_compare, single_conv_model
+
+    monkeypatch.setenv("GRAPHGEN_WINOGRAD", "0")
+    kinds, c = compile_and_compare(single_conv_model(64, 128, 28, stride=stride), tmp_path)
+    assert kinds == {"conv2d": 1}, kinds
+    assert c is not None and c.ok, c.summary()
+
+
 def _emulated_aarch64_python():
     """The aarch64 Python + runtime-only TVM that ``graphgen build --verify emulate`` sets up
     under qemu (graphgen.emulate), if this machine already has it; None otherwise."""

@@ -52,6 +52,14 @@ class Isa:
         two and an input broadcast)."""
         return self.registers - 2
 
+    @property
+    def tile_limit(self) -> int:
+        """Most accumulators a register tile is given. With 32 registers, LLVM spills tiles of
+        more than 24: measured (Xeon, AVX-512, one thread) a direct conv's 2 vectors x 14
+        positions (28 accumulators) ran 2.1x slower than 2 x 7 or 4 x 4 (128 -> 128 at 28x28:
+        3.73 ms vs 1.79-1.81; ResNet-18's 64 -> 128 3x3/2: 1.42 vs 0.96)."""
+        return min(self.accumulators - 2, 12 if self.registers <= 16 else 24)
+
 
 def isa_of(target) -> Isa:
     from tvm.target import codegen
@@ -392,7 +400,7 @@ def _conv_channel_vectorized(sch, conv, tail, isa, per_group_out: int, dims, kno
                 # registers: the accumulators, k weight vectors, a broadcast and one spare
                 # (measured: 8 lanes x 14 positions, 16 of 16 AVX2 registers, ran 1.75-2.3x
                 # slower than 16 lanes x 4 on ResNet's 7x7/2 stem and 64 -> 128 3x3/2 conv)
-                if acc + k + 2 <= isa.registers and hb * wb <= 28:
+                if acc + k + 2 <= isa.registers and acc <= isa.tile_limit and hb * wb <= 28:
                     score = _tile_throughput(k, hb * wb, eff) * (MULTI_ROW_PENALTY if hb > 1 else 1.0)
                     options.append((round(score, 3), acc, k == 2, vk, wb, hb))
     if not options:
@@ -759,7 +767,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     kind = "pointwise conv2d (strided)" if strided else "pointwise conv2d"
     _, k_out, p_pad = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
     lanes = isa.lanes
-    limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
+    limit = isa.tile_limit
     on, ok_, oy, ox = sch.get_loops(out)
     width = _int(sch.get(ox).extent)
 
@@ -935,7 +943,7 @@ def _winograd_gemm_tiles(tiles: int, k_out: int, isa: Isa) -> list[tuple[int, in
     blocks = _channel_blocks(k_out, isa)
     if not blocks:
         raise NotMatched("output channels do not split into vectors")
-    limit = min(isa.accumulators - 2, 12 if isa.registers <= 16 else 24)
+    limit = isa.tile_limit
     # the heuristic's order: two whole vectors of channels first, then lane efficiency, width
     ranked = _ranked(blocks, key=lambda b: (b[1] == 2 and b[2] == 1.0, b[2], b[0]))
     out = []
