@@ -50,6 +50,13 @@ def test_which_convs_take_winograd(monkeypatch):
     monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
     assert winograd.tile_size_for(56, 56) == 4
     assert winograd.tile_size_for(13, 13) == 4      # 4 x 4 tiles
+    # 16 to 31 tiles of 4x4: F(4x4) only where its weights are small (inside a model they come
+    # from memory), else F(2x2); 32 and more: F(4x4) whatever the weights
+    assert winograd.tile_size_for(13, 13, channels=(16, 64)) == 4      # 147 KB
+    assert winograd.tile_size_for(13, 13, channels=(48, 192)) == 2     # 1.3 MB
+    assert winograd.tile_size_for(14, 14, channels=(256, 256)) == 2
+    assert winograd.tile_size_for(27, 27, channels=(256, 256)) == 4    # 7 x 7 tiles
+    assert winograd.tile_size_for(7, 7, channels=(16, 16)) is None
     assert winograd.tile_size_for(12, 12) == 2      # 3 x 3 tiles of 4: too few; 6 x 6 of 2
     assert winograd.tile_size_for(7, 7) is None     # 16 tiles of 2: memory-bound, direct conv
     assert winograd.qualifies(64, 64, 56, 56)
@@ -73,7 +80,9 @@ CASES = {
     # name: (builder kwargs, tile size forced or None, expect winograd)
     "resnet_56": (dict(c=64, k=64, h=56), None, "F(4x4)"),
     "odd_55_small_c": (dict(c=16, k=64, h=55), None, "F(4x4)"),          # SqueezeNet's expand3x3
-    "odd_13": (dict(c=48, k=192, h=13), None, "F(4x4)"),
+    "odd_13": (dict(c=48, k=192, h=13), None, "F(2x2)"),                  # 16 tiles of 4, U of 1.3 MB
+    "odd_13_f4": (dict(c=48, k=192, h=13), "4", "F(4x4)"),
+    "odd_13_small_c": (dict(c=16, k=32, h=13), None, "F(4x4)"),          # U of 74 KB
     "residual_tail": (dict(c=32, k=32, h=28, residual=True), None, "F(4x4)"),
     "no_bias_batch2": (dict(c=16, k=32, h=20, batch=2, bias=False), None, "F(4x4)"),
     "rect_odd_channels": (dict(c=12, k=24, h=18, w=11), "2", "F(2x2)"),   # 4-lane channel blocks

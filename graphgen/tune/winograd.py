@@ -30,13 +30,14 @@ the kernel its default schedule.
 Numerics (fp32, random data, against a float64 direct convolution): direct 1.6e-7 - 4.1e-7
 relative L2 per layer, F(2x2) 1.7e-7 - 6.9e-7, F(4x4) with the interpolation points
 0, -1, 1, 1/2, -2 (TVM's choice) 0.8e-6 - 2.8e-6. graphgen uses F(4x4) where the output is at
-least 16 tiles of 4x4, F(2x2) where that gives at least 32 tiles, else the direct conv
-(:data:`MIN_TILES`). ``graphgen build --winograd off`` (or ``GRAPHGEN_WINOGRAD=0``) turns the
-rewrite off, ``2`` or ``4`` forces one tile size; the build's manifest records the mode
+least 32 tiles of 4x4 (or 16, where the transformed weights are small), F(2x2) where that
+gives at least 32 tiles, else the direct conv (:data:`MIN_TILES`,
+:data:`F4_FEW_TILES_MAX_BYTES`). ``graphgen build --winograd off`` (or ``GRAPHGEN_WINOGRAD=0``)
+turns the rewrite off, ``2`` or ``4`` forces one tile size; the build's manifest records the mode
 (``build.schedules.winograd``).
 
 Size: the library holds ``U``, ``alpha^2 / 9`` times the weights of each such conv (4x for
-F(4x4), 1.8x for F(2x2)); ResNet-18's library grows from 47 MB to 75 MB. ``--winograd
+F(4x4), 1.8x for F(2x2)); ResNet-18's library grows from 47 MB to 60 MB. ``--winograd
 off`` is the choice where flash matters more than speed.
 """
 
@@ -85,6 +86,16 @@ def _tiles(out_h: int, out_w: int, m: int) -> int:
 #: slower than the direct conv, memory-bound on 38 MB of weights; F(2x2) (16 tiles) 1.1x faster
 MIN_TILES = 16
 
+#: F(4x4) with fewer than 2 * MIN_TILES tiles (13x13 to 20x20 outputs) only where its
+#: transformed weights are at most this size. Inside a model a layer's weights come from
+#: memory, not the cache a kernel timed alone keeps them in, and 16 uses per weight do not
+#: hide that. Measured (Xeon, AVX-512, one thread), SqueezeNet's 48 -> 192 and 64 -> 256 at
+#: 13x13 (U of 1.3 and 2.4 MB): the second ran 0.28 ms alone as F(4x4) against 0.36 as F(2x2),
+#: but 0.48 against 0.44 inside the model (onnxruntime 0.47). The whole model with F(2x2)
+#: there: 3-4 % faster in two interleaved A/B runs; ResNet-18 (256 -> 256 at 14x14, U of
+#: 9.4 MB): the same either way.
+F4_FEW_TILES_MAX_BYTES = 512 * 1024
+
 
 #: ``GRAPHGEN_WINOGRAD`` / ``--winograd`` values
 MODES = ("auto", "off", "2", "4")
@@ -104,17 +115,24 @@ def resolve_mode(mode: str | None = None) -> str:
     return mode
 
 
-def tile_size_for(out_h: int, out_w: int, mode: str | None = None) -> int | None:
-    """4 or 2 (the output tile), or None where a direct convolution is the better choice."""
+def tile_size_for(out_h: int, out_w: int, mode: str | None = None,
+                  channels: tuple[int, int] | None = None) -> int | None:
+    """4 or 2 (the output tile), or None where a direct convolution is the better choice.
+    ``channels``: (input, output) channels, for the size of the transformed weights (None:
+    taken as small)."""
     mode = resolve_mode(mode)
     if mode == "off":
         return None
     if mode in ("2", "4"):
         return int(mode)
-    for m in (4, 2):
-        # F(2x2) only where F(4x4) has too few tiles and F(2x2) has plenty (7x7: direct)
-        if _tiles(out_h, out_w, m) >= (MIN_TILES if m == 4 else 2 * MIN_TILES):
-            return m
+    tiles4 = _tiles(out_h, out_w, 4)
+    u4_bytes = 36 * 4 * (channels[0] * channels[1] if channels else 0)
+    if tiles4 >= 2 * MIN_TILES or (tiles4 >= MIN_TILES and u4_bytes <= F4_FEW_TILES_MAX_BYTES):
+        return 4
+    # F(2x2) where F(4x4) has too few tiles (or too big weights for them) and F(2x2) has
+    # plenty (7x7: direct)
+    if _tiles(out_h, out_w, 2) >= 2 * MIN_TILES:
+        return 2
     return None
 
 
@@ -253,7 +271,7 @@ def legalize_conv2d(bb, call, mode: str | None = None, pointwise_kernels: bool |
     if facts is None:
         return default(bb, call)
     _, w, pads, out_h, out_w = facts
-    m = tile_size_for(out_h, out_w, mode)
+    m = tile_size_for(out_h, out_w, mode, channels=(w.shape[1], w.shape[0]))
     if m is None:
         return default(bb, call)
     u = relax.const(weight_transform(w, m))
