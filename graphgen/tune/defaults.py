@@ -955,6 +955,12 @@ def _winograd_gemm_tiles(tiles: int, k_out: int, isa: Isa) -> list[tuple[int, in
     return [first] + sorted(out[1:], key=lambda o: (o[1] != first[1]))
 
 
+#: the transformed weights (U) up to which a Winograd kernel runs its stages per tile row by
+#: default (U is then read once per tile row; 590 KB measured fine with this host's 2 MB L2,
+#: 1 MB a little slower, 2.4 MB 1.2x slower: see schedule_winograd)
+WINOGRAD_ROWS_MAX_U_BYTES = 640 * 1024
+
+
 def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
     """Default schedule of a Winograd conv kernel (pad, data pack, batched GEMM, inverse + the
     fused tail), see :mod:`graphgen.tune.winograd`.
@@ -970,7 +976,10 @@ def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
       and blocks;
     * inverse: per (output-channel vector, tile) the ``alpha^2`` products into registers, the
       ``m x m`` outputs unrolled, the fused tail (bias, ReLU, residual add) applied on the way
-      out.
+      out;
+    * where the transformed weights are small, the data pack, GEMM and inverse of one row of
+      tiles at a time, parallel over tile rows (knob ``winograd.stages``), else each stage over
+      the whole image, parallel on its own loops.
     """
     pad = _named(sch, "winograd_data_pad")
     rows = _named(sch, "winograd_data_rows")
@@ -1000,47 +1009,80 @@ def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
     _copy_parallel(sch, pad, sch.fuse(pn, pc_o, py))
     sch.vectorize(pc_i)
 
-    # data pack: per (tile, channel block, tile row) the row pass into a few registers, then the
-    # column pass; the tile loops unrolled so the selects on the tile position fold away
-    lp, le, ln, lc = sch.get_loops(pack)
-    lc_o, lc_i = sch.split(lc, factors=[None, vc])
-    sch.reorder(lp, lc_o, le, ln, lc_i)
-    sch.compute_at(rows, le, preserve_unit_loops=True)
-    rl = sch.get_loops(rows)[3:]
-    _vector_tile(sch, rl)
-    sch.parallel(sch.fuse(lp, lc_o))
-    sch.unroll(le)
-    sch.unroll(ln)
-    sch.vectorize(lc_i)
-
-    # batched GEMM: M[p, e, nu, k] = sum_c V[p, e, nu, c] U[e, nu, c, k]
     tiles, alpha, _, k_out = (_int(x) for x in _buf(sch.get(gemm).writes[0]).shape)
-    pb, vk = knobs.pick("winograd.gemm_tile", _winograd_gemm_tiles(tiles, k_out, isa))
-    gp, ge, gn, gk, grc = sch.get_loops(gemm)
-    gp_o, gp_i = sch.split(gp, factors=[None, pb])
-    gk_o, gk_i = sch.split(gk, factors=[None, vk])
-    # channel blocks outside tile blocks: a block of U (C x vk) stays in L1 across the tiles
-    sch.reorder(ge, gn, gk_o, gp_o, grc, gp_i, gk_i)
-    _register_tiled_gemm(sch, gemm, (ge, gn, gk_o, gp_o), grc, unrolled=gp_i, vector=gk_i)
-
-    # inverse + tail: per (batch, channel vector, tile row, tile), the row pass per output row
-    # into registers, the outputs unrolled, the fused tail (bias, ReLU, residual) on the way out
+    m = _winograd_m(alpha)
     on, ok_, oy, ox = sch.get_loops(out)
     out_h = _int(sch.get(oy).extent)
     out_w = _int(sch.get(ox).extent)
-    m = _winograd_m(alpha)
+    n_h, n_w = -(-out_h // m), -(-out_w // m)
+    # Where the stages run (knob "winograd.stages"):
+    #   "per tile row"  the data pack and GEMM of one row of tiles under the output's tile-row
+    #                   loop, then that row's inverse: V and M stay a row (tens of KB) instead of
+    #                   the whole image (1.8 MB of M for 16 -> 64 at 55x55), but U is read once
+    #                   per tile row. Measured (Xeon, AVX-512, one thread), per tile row vs apart:
+    #                   16 -> 64 at 55x55 0.52 vs 0.74 ms, 32 -> 128 at 27x27 0.34 vs 0.43, 64 ->
+    #                   64 at 56x56 0.98-1.23 vs 2.02 (U of 147-590 KB); 128 -> 128 at 28x28 1.90
+    #                   vs 1.53 and 256 -> 256 at 14x14 F(2x2) 3.8 vs 2.0 (U of 2.4 and 4.2 MB).
+    #   "apart"         each stage over the whole image, parallel over its own loops.
+    u_bytes = alpha * alpha * c_in * k_out * 4
+    stages = ["apart"] if n_h < 2 else ["per tile row", "apart"] if u_bytes <= WINOGRAD_ROWS_MAX_U_BYTES \
+        else ["apart", "per tile row"]
+    per_row = knobs.pick("winograd.stages", stages) == "per tile row"
+
+    # inverse + tail: per (batch, channel vector, tile row, tile), the row pass per output row
+    # into registers, the outputs unrolled, the fused tail (bias, ReLU, residual) on the way out
     vo = lanes if k_out % lanes == 0 else 4
     ok_o, ok_i = sch.split(ok_, factors=[None, vo])
-    oy_o, oy_i = sch.split(oy, factors=[-(-out_h // m), m])
-    ox_o, ox_i = sch.split(ox, factors=[-(-out_w // m), m])
-    sch.reorder(on, ok_o, oy_o, ox_o, oy_i, ox_i, ok_i)
+    oy_o, oy_i = sch.split(oy, factors=[n_h, m])
+    ox_o, ox_i = sch.split(ox, factors=[n_w, m])
+    sch.reorder(*((on, oy_o, ok_o) if per_row else (on, ok_o, oy_o)), ox_o, oy_i, ox_i, ok_i)
     sch.compute_at(inv_rows, oy_i, preserve_unit_loops=True)
-    il_ = sch.get_loops(inv_rows)[5:]
-    _vector_tile(sch, il_)
-    sch.parallel(sch.fuse(on, ok_o, oy_o))
+    _vector_tile(sch, sch.get_loops(inv_rows)[5:])
     sch.unroll(oy_i)
     sch.unroll(ox_i)
     sch.vectorize(ok_i)
+
+    # batched GEMM: M[p, e, nu, k] = sum_c V[p, e, nu, c] U[e, nu, c, k], as register tiles of
+    # pb tiles x vk output channels; channel blocks outside tile blocks: a block of U (C x vk)
+    # stays in L1 across the tiles
+    if per_row:
+        sch.compute_at(gemm, oy_o, preserve_unit_loops=True)
+    row_loops = 2 if per_row else 0  # (batch, tile row) above the GEMM's own loops
+    pb, vk = knobs.pick("winograd.gemm_tile", _winograd_gemm_tiles(n_w if per_row else tiles, k_out, isa))
+    gp, ge, gn, gk, grc = sch.get_loops(gemm)[row_loops:]
+    gp_o, gp_i = sch.split(gp, factors=[None, pb])
+    gk_o, gk_i = sch.split(gk, factors=[None, vk])
+    sch.reorder(ge, gn, gk_o, gp_o, grc, gp_i, gk_i)
+    if not per_row:
+        _register_tiled_gemm(sch, gemm, (ge, gn, gk_o, gp_o), grc, unrolled=gp_i, vector=gk_i)
+        sch.parallel(sch.fuse(on, ok_o, oy_o))
+    else:
+        acc = sch.cache_write(gemm, 0, "global")  # (global: see _register_tiled_gemm)
+        sch.reverse_compute_at(acc, gp_o, preserve_unit_loops=True)
+        _vector_tile(sch, sch.get_loops(acc)[row_loops + 4:], lanes)
+        sch.vectorize(gk_i)
+        sch.unroll(gp_i)
+
+    # data pack: per (tile, channel block, tile row) the row pass into a few registers, then the
+    # column pass; the tile loops unrolled so the selects on the tile position fold away
+    if per_row:
+        sch.compute_at(pack, oy_o, preserve_unit_loops=True)
+    lp, le, ln, lc = sch.get_loops(pack)[row_loops:]
+    lc_o, lc_i = sch.split(lc, factors=[None, vc])
+    sch.reorder(lp, lc_o, le, ln, lc_i)
+    sch.compute_at(rows, le, preserve_unit_loops=True)
+    _vector_tile(sch, sch.get_loops(rows)[row_loops + 3:])
+    if not per_row:
+        sch.parallel(sch.fuse(lp, lc_o))
+    sch.unroll(le)
+    sch.unroll(ln)
+    sch.vectorize(lc_i)
+    if per_row:
+        # parallel over (batch, tile row) before the reduction's init is split off: TVM checks
+        # the loop's dataflow on the reduction block
+        sch.parallel(sch.fuse(on, oy_o))
+        init = sch.decompose_reduction(gemm, grc)
+        _vectorize_unroll_tail(sch, sch.get_loops(init)[5:])
     return f"winograd conv2d F({m}x{m})"
 
 
