@@ -704,10 +704,15 @@ def schedule_dense(sch, main, isa, outputs, knobs: Knobs):
     return "dense"
 
 
-def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector, lanes: int | None = None) -> None:
-    """A GEMM block whose loops are already ordered ``outer..., red, unrolled, vector``: the
-    tile accumulated in registers across ``red`` and written back under ``outer[-1]``; the
-    ``outer`` loops fused and parallel.
+def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector, lanes: int | None = None,
+                         loops_above: int = 0, parallel: bool = True) -> None:
+    """A GEMM block whose loops are already ordered ``outer..., red, unrolled, vector`` (under
+    ``loops_above`` loops of an enclosing stage): the tile accumulated in registers across
+    ``red`` and written back under ``outer[-1]``; the ``outer`` loops fused and parallel.
+
+    ``parallel=False`` leaves the parallel loop and the reduction's init to the caller, whose
+    parallel loop lies above the GEMM: TVM checks a loop's dataflow on the reduction block, so
+    the caller must set it before calling ``decompose_reduction(gemm, red)`` itself.
 
     The tile buffer has "global" scope: TVM 0.27 puts only global-scope buffers under 1 KB on
     the stack; a "local" one is a TVMBackendAllocWorkspace call per parallel iteration
@@ -715,13 +720,15 @@ def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector, lanes: int | N
     """
     acc = sch.cache_write(gemm, 0, "global")
     sch.reverse_compute_at(acc, outer[-1], preserve_unit_loops=True)
-    _vector_tile(sch, sch.get_loops(acc)[len(outer):], lanes)
-    sch.parallel(sch.fuse(*outer))
+    _vector_tile(sch, sch.get_loops(acc)[loops_above + len(outer):], lanes)
+    if parallel:
+        sch.parallel(sch.fuse(*outer))
     sch.vectorize(vector)
     for lp in unrolled if isinstance(unrolled, tuple) else (unrolled,):
         sch.unroll(lp)
-    init = sch.decompose_reduction(gemm, red)
-    _vectorize_unroll_tail(sch, sch.get_loops(init)[1:])
+    if parallel:
+        init = sch.decompose_reduction(gemm, red)
+        _vectorize_unroll_tail(sch, sch.get_loops(init)[1:])
 
 
 # -- 1x1 conv as a GEMM over the flattened image (graphgen.tune.pointwise) --------------------
@@ -1053,15 +1060,10 @@ def schedule_winograd(sch, gemm, isa, outputs, knobs: Knobs):
     gp_o, gp_i = sch.split(gp, factors=[None, pb])
     gk_o, gk_i = sch.split(gk, factors=[None, vk])
     sch.reorder(ge, gn, gk_o, gp_o, grc, gp_i, gk_i)
+    _register_tiled_gemm(sch, gemm, (ge, gn, gk_o, gp_o), grc, unrolled=gp_i, vector=gk_i,
+                         lanes=lanes if per_row else None, loops_above=row_loops, parallel=not per_row)
     if not per_row:
-        _register_tiled_gemm(sch, gemm, (ge, gn, gk_o, gp_o), grc, unrolled=gp_i, vector=gk_i)
         sch.parallel(sch.fuse(on, ok_o, oy_o))
-    else:
-        acc = sch.cache_write(gemm, 0, "global")  # (global: see _register_tiled_gemm)
-        sch.reverse_compute_at(acc, gp_o, preserve_unit_loops=True)
-        _vector_tile(sch, sch.get_loops(acc)[row_loops + 4:], lanes)
-        sch.vectorize(gk_i)
-        sch.unroll(gp_i)
 
     # data pack: per (tile, channel block, tile row) the row pass into a few registers, then the
     # column pass; the tile loops unrolled so the selects on the tile position fold away
