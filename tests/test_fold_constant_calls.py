@@ -98,3 +98,26 @@ def test_folded_weights_are_not_kept_alive_after_the_build(tmp_path):
         sizes.append(rss_mb())
     # the first builds warm caches; a leak would add ~48 MB per build after them
     assert sizes[3] - sizes[1] < 40, sizes
+
+
+def test_no_tuples_of_folded_weights_are_left_for_the_vm_to_build():
+    """Folding a repacking kernel that returns several weights left a tuple of the constants
+    and its items bound beside the kernel call (which reads the constants itself): dead, yet
+    the VM built and took apart each tuple on every run. After :func:`finish` no binding of
+    ``main`` is a tuple or an item of one, and the kernels still read the repacked weights."""
+    import tvm
+    from tvm import relax
+
+    from graphgen.tune.pipeline import finish, fuse, schedule_kernels
+
+    target = resolve_target("x86").tvm_target()
+    with target:
+        mod = finish(schedule_kernels(fuse(import_onnx(_model()), target), target), target)
+    tuples, items, weights = [], [], []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: (
+        tuples.append(e) if isinstance(e, relax.Tuple) and len(e.fields) else
+        items.append(e) if isinstance(e, relax.TupleGetItem) else
+        weights.append(e) if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "shape")
+        and len(e.value.shape) >= 2 else None))
+    assert not tuples and not items, mod["main"].script()[:3000]
+    assert len(weights) >= 5  # the five layers' weights, repacked

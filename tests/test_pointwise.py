@@ -176,7 +176,8 @@ def _with_knobs(monkeypatch, choices: dict) -> None:
 def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_repacked_once(
         target_name, h, monkeypatch):
     """In two passes (the only choice at 7x7, the positions past the last vector computed
-    apart; a knob option at 14x14 and 13x13), rows of 14, 7 or 13 columns are no vector: the
+    apart; the default at 14x14 and 13x13, whose positions are padded), rows of 14, 7 or 13
+    columns are no vector: the
     crop and its tail run over the image as one axis, whole vectors then the rest
     (``loop_partition``). The partition leaves the kernel ill-formed until it is parsed again,
     and a kernel no Schedule can be made of lost its ``layout_free_buffers`` mark: the weights
@@ -187,7 +188,7 @@ def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_r
     from graphgen.tune.defaults import has_layout_rewrite
 
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
-    _with_knobs(monkeypatch, {"pointwise.passes": 1})  # 14, 13: ["write-back", "two"]; 7: ["two"]
+    # the default: 14, 13: ["two", "write-back"]; 7: ["two"]
     (f,) = _scheduled_pointwise(_model(c=16, k=24, h=h), target_name)
     Schedule(tvm.IRModule({"main": f}))  # well-formed
     assert "layout_free_buffers" in f.attrs and has_layout_rewrite(f)
@@ -196,6 +197,7 @@ def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_r
     crop = text.split("pointwise_gemm_global[v0, v1, v2]\n")[-1]  # after the GEMM's write-back
     assert f"T.vectorized(T.int64({lanes}))" in crop
     assert ("_fused0_partition" in crop) == (h * h % lanes != 0)
+    assert "pointwise_gemm[" in crop  # the second pass reads the GEMM's rows
 
 
 @pytest.mark.parametrize("target_name,c,k,h", [
@@ -203,8 +205,10 @@ def test_crops_of_rows_that_are_no_vector_are_vectorized_and_the_weights_still_r
     # 56 and 28 columns are whole tiles of two 4-lane NEON vectors (the rows path), not of AVX's
     *((t, *g) for t in ("x86-64-v3", "avx512") for g in ((24, 144, 56), (58, 58, 28)))])
 def test_the_tail_runs_in_the_gemm_tiles_write_back_where_rows_are_no_tiles(target_name, c, k, h, monkeypatch):
-    """By default a pointwise GEMM whose rows are no whole tiles (14, 13, 56 or 28 columns) is
-    one pass: the crop and its tail are inlined into the register tile's write-back, which
+    """A pointwise GEMM whose rows are no whole tiles (14, 13, 56 or 28 columns) can be one
+    pass (the default where the positions are whole vectors, 56x56 and 28x28; a knob option
+    where they are padded, 14x14 and 13x13): the crop and its tail are inlined into the
+    register tile's write-back, which
     stores the output (predicated where positions or channels are padded) from the vector it
     holds; no intermediate of the whole GEMM is left, and the weights are still repacked once.
     Numerics: ``test_pointwise_kernels_match_onnxruntime`` (these geometries are its cases)."""
@@ -214,6 +218,8 @@ def test_the_tail_runs_in_the_gemm_tiles_write_back_where_rows_are_no_tiles(targ
     from graphgen.tune.defaults import has_layout_rewrite
 
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    if h * h % pointwise.P_QUANTUM:
+        _with_knobs(monkeypatch, {"pointwise.passes": 1})  # ["two", "write-back"]
     (f,) = _scheduled_pointwise(_model(c=c, k=k, h=h), target_name)
     Schedule(tvm.IRModule({"main": f}))  # well-formed
     assert "layout_free_buffers" in f.attrs and has_layout_rewrite(f)

@@ -493,6 +493,55 @@ def test_default_schedules_cover_every_kernel_class_and_match_onnxruntime(tmp_pa
     assert c.ok, c.summary()
 
 
+def _classifier_model(features: int, classes: int, batch: int = 1):
+    b = GraphBuilder(f"fc_{features}_{classes}_{batch}")
+    x = b.input("input", (batch, features))
+    b.output(b.linear(x, classes, name="fc"), "out")
+    return b.build()
+
+
+def test_dense_chains_are_blocks_of_output_features_that_leave_tiles_for_the_cores():
+    from graphgen.tune.defaults import _dense_chains
+
+    assert _dense_chains(1, 125, 1) == [5, 1]      # 1000 classes in 8-lane blocks: 25 tiles of 5
+    assert _dense_chains(1, 64, 1) == [8, 4, 2, 1]  # 1024 in 16-lane blocks
+    assert _dense_chains(1, 125, 3) == [1]          # 3-register blocks: 5 x 3 > FMA_CHAINS
+    assert _dense_chains(1, 7, 1) == [1]            # a prime block count: one block a tile
+    assert _dense_chains(8, 125, 1) == [1, 5]       # batches: the rows are the chains
+
+
+@pytest.mark.parametrize("option", [0, 1])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_dense_chain_count_matches_onnxruntime(option, batch, tmp_path, monkeypatch):
+    """A classifier at batch 1 runs several blocks of output features a tile, each block its own
+    accumulator (one block alone is a chain of FMAs as long as the input: latency-bound); the
+    weights are repacked to match. Every option against onnxruntime, the default's layout read
+    off the kernel."""
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.testing import every_knob_at
+    from graphgen.tune.pipeline import fuse, schedule_kernels
+    from tvm import tirx
+
+    model = _classifier_model(256, 1000, batch)
+    if option == 0 and batch == 1:
+        target = resolve_target("avx512").tvm_target()
+        with target:
+            mod = schedule_kernels(fuse(import_onnx(model), target), target)
+        (f,) = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "matmul" in gv.name_hint]
+        text = f.script()
+        # 25 tiles of 5 blocks of 8 classes, the weights repacked [25, 256, 5, 8]
+        assert "T.unroll(T.int64(5))" in text, text
+        assert "param_0_global[v_i1 // T.int64(40), v_k, v_i1 % T.int64(40) // T.int64(8), v_i1 % T.int64(8)]" in text
+    seen = every_knob_at(option, monkeypatch)
+    spec = resolve_target("x86")
+    info = compile_model(model, spec, tmp_path / "m.so")
+    assert info["schedules"]["default_schedule_kinds"] == {"dense": 1}, info["schedules"]
+    x = random_inputs(model)
+    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], 1e-5)
+    assert c.ok, c.summary()
+    assert seen["dense.chains"] == 2, seen
+
+
 def _split_add_model(c: int, hw: int):
     """A channel split whose halves are added: two kernels with no reduction (split, add)."""
     b = GraphBuilder(f"split_add_{c}_{hw}")

@@ -696,12 +696,32 @@ def schedule_dense(sch, main, isa, outputs, knobs: Knobs):
             raise NotMatched("output features do not split into vectors")
         options = [b[0] for b in _ranked(blocks, key=lambda b: (b[2], b[0]))]
     vk = knobs.pick("dense.features", options)
+    # vectors of a block: each its own accumulator, so several FMA chains run at once. One
+    # vector alone is a chain as long as the input: 1280 dependent FMAs per 8 classes,
+    # latency-bound (MobileNetV2's classifier: 0.15 ms against onnxruntime's 0.10, Zen 5)
+    chains = knobs.pick("dense.chains", _dense_chains(m, n // vk, -(-vk // isa.lanes)))
     lm, ln, lk = sch.get_loops(main)
     n_o, n_i = sch.split(ln, factors=[None, vk])
-    sch.reorder(lm, n_o, lk, n_i)
+    if chains > 1:
+        n_o, n_c = sch.split(n_o, factors=[None, chains])
+        sch.reorder(lm, n_o, lk, n_c, n_i)
+        inner = (n_c, n_i)
+    else:
+        sch.reorder(lm, n_o, lk, n_i)
+        inner = (n_i,)
     tile = sch.fuse(lm, n_o)
-    _finish_tiled(sch, main, tail, (tile,), (lk,), (n_i,), isa, outputs, n_i)
+    _finish_tiled(sch, main, tail, (tile,), (lk,), inner, isa, outputs, n_i)
     return "dense"
+
+
+def _dense_chains(rows: int, blocks: int, regs: int) -> list[int]:
+    """Blocks of output features per dense tile (each block ``regs`` vector registers), best
+    first: as many independent accumulators as FMA_CHAINS allows at batch 1, while at least 4
+    tiles are left for the cores; batches get their chains from the rows."""
+    fits = [u for u in _divisors(blocks) if u * regs <= FMA_CHAINS and blocks // u >= 4]
+    if rows > 1 or not fits:
+        return [1] + [u for u in fits if u > 1][-1:]
+    return _ranked(fits, key=lambda u: u)
 
 
 def _register_tiled_gemm(sch, gemm, outer, red, unrolled, vector, lanes: int | None = None,
@@ -793,12 +813,20 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     #                (reverse_compute_inline: the output index y * W + x is the GEMM's own
     #                position), so any image whose positions are whole vectors is one pass too.
     #                Not with the rest computed apart: its GEMM would run after the write-back.
+    #                Not first where the positions were padded: the write-back then crops them,
+    #                and its stores are no longer whole vectors of the output's rows. Measured
+    #                (Zen 5, AVX-512, one thread, conv + ReLU6) write-back vs two passes:
+    #                16 -> 64 at 55x55 0.104 vs 0.061 ms, 32 -> 128 at 27x27 0.066 vs 0.041,
+    #                64 -> 256 at 13x13 0.074 vs 0.032, 96 -> 576 at 14x14 0.120 vs 0.116;
+    #                unpadded, 24 -> 144 at 56x56, 0.129 vs 0.153.
     #   "two"        the GEMM's rows written whole, then the crop and tail over them.
     whole_rows = _int(sch.get(ok_).extent) == k_out
     fused_tiles = _fused_pointwise_tiles(tiles(width), lanes) if not pads and not rest and whole_rows else []
     gemm_tiles = tiles(p_pad, vectors=(1, 2, 3, 4))
+    padded = p_pad > _int(sch.get(oy).extent) * width
     passes = knobs.pick("pointwise.passes", (["rows"] if fused_tiles else [])
-                        + (["write-back", "two"] if gemm_tiles and not rest else ["two"] if gemm_tiles else []))
+                        + ((["two", "write-back"] if padded else ["write-back", "two"]) if gemm_tiles and not rest
+                           else ["two"] if gemm_tiles else []))
     # Loop order (knob "pointwise.order"). Channel blocks outside positions: each thread writes
     # kb output rows front to back. Positions outside: every output row is written a tile at a
     # time, K streams at once, while a panel of input rows stays in L1. Measured (Xeon,

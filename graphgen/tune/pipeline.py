@@ -227,6 +227,11 @@ def finish(mod, target, stats: ScheduleStats | None = None, concat_in_place: boo
             # the repacking calls evaluated with one build (FoldConstant would build each alone)
             fold_constant_calls.pass_(),
             relax.transform.FoldConstant(),
+            # the folded repacking left tuples of constants and their items bound beside the
+            # calls, which read the constants themselves: dead, yet the VM built and took apart
+            # every tuple on each run (3 builtin calls per repacked kernel: 169 of ShuffleNet
+            # V2's 560 VM calls a run)
+            relax.transform.CanonicalizeBindings(),
             # the repacking kernels ran above and the kernels SplitLayoutRewritePreproc
             # replaced are no longer called: without this they stay in the library (measured:
             # SqueezeNet armv7, 36 dead kernels beside 26 live ones)
