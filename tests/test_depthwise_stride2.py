@@ -55,6 +55,8 @@ CASES = {
     "rectangular": dict(c=3, h=20, w=50),
     "last_vector_overlaps": dict(c=2, h=27, pads=(0, 0, 0, 0)),  # 13 outputs: 8 + 8 overlapping
     "narrow_4_lanes": dict(c=5, h=14),                          # 7 outputs: 4-lane vectors
+    "wide_16_lanes": dict(c=3, h=56),                           # 27 interior: 16 lanes (AVX-512)
+    "wide_last_overlaps": dict(c=2, h=41, pads=(0, 0, 0, 0)),   # 20 outputs: 16 + 16 overlapping
     "narrow_rows_scalar": dict(c=5, h=9),                       # 5 outputs, 3 interior: all scalar
     "batch2": dict(c=3, h=24, batch=2),
     "no_bias_relu": dict(c=8, h=28, bias=False, tail="relu"),
@@ -121,15 +123,18 @@ def test_the_kernel_compiles_for_neon_and_avx512(target, tmp_path, monkeypatch):
         assert ok, problem
 
 
+@pytest.mark.parametrize("widest", [depthwise_stride2.LANES, depthwise_stride2.WIDE_LANES])
 @pytest.mark.parametrize("geometry", [((2, 27, 27), (13, 13), 0), ((3, 40, 40), (20, 20), 1),
-                                      ((2, 14, 14), (7, 7), 1), ((2, 41, 37), (21, 19), 1)])
-def test_the_kernel_writes_nothing_past_its_output(geometry):
+                                      ((2, 14, 14), (7, 7), 1), ((2, 41, 37), (21, 19), 1),
+                                      ((2, 41, 41), (20, 20), 0), ((2, 64, 64), (32, 32), 1)])
+def test_the_kernel_writes_nothing_past_its_output(geometry, widest):
     """The last vector of a row ends at the last interior output, never past the row: the output
     is a view at the start of a larger canary-filled buffer, whose tail must be untouched."""
     import tvm
 
     (c, h, w), out_hw, pad = geometry
-    func = depthwise_stride2.depthwise_stride2_func((1, c, h, w), out_hw, pad, pad).with_attr("global_symbol", "main")
+    func = depthwise_stride2.depthwise_stride2_func((1, c, h, w), out_hw, pad, pad, widest).with_attr(
+        "global_symbol", "main")
     kernel = tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, c, h, w)).astype(np.float32)
@@ -147,6 +152,16 @@ def test_the_kernel_writes_nothing_past_its_output(geometry):
             want += wt[None, :, 0, dy, dx, None, None] * padded[:, :, dy:dy + 2 * out_hw[0]:2, dx:dx + 2 * out_hw[1]:2]
     err = np.linalg.norm(got[:n_out] - want.ravel()) / np.linalg.norm(want)
     assert err < TOL, err
+
+
+def test_avx512_rows_of_16_interior_outputs_take_whole_registers():
+    from graphgen.tune.depthwise_stride2 import vector_lanes
+
+    assert [vector_lanes(n, 16) for n in (55, 27, 16, 15, 13, 8, 6, 3)] == [16, 16, 16, 8, 8, 8, 4, 4]
+    assert [vector_lanes(n) for n in (55, 27, 8, 7)] == [8, 8, 8, 4]  # AVX2, NEON
+    for target, widest in (("avx512", 16), ("x86-64-v3", 8), ("arm", 8)):
+        with resolve_target(target).tvm_target():
+            assert depthwise_stride2.widest_lanes() == widest, target
 
 
 def test_tuning_leaves_the_kernel_to_its_default_schedule(tmp_path, monkeypatch):
