@@ -542,6 +542,35 @@ def test_every_dense_chain_count_matches_onnxruntime(option, batch, tmp_path, mo
     assert seen["dense.chains"] == 2, seen
 
 
+@pytest.mark.parametrize("c,hw", [(40, 13), (24, 7), (8, 3)])
+def test_global_average_pools_sum_in_independent_chains_and_match_onnxruntime(c, hw, tmp_path):
+    """A mean over rows and columns sums each column position apart (rfactor: ``hw``
+    independent chains of adds, the rows outside them), then adds those sums; 3 columns are too
+    few to split. Against onnxruntime."""
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune.pipeline import fuse, schedule_kernels
+    from tvm import tirx
+
+    b = GraphBuilder(f"gap_{c}_{hw}")
+    x = b.input("input", (1, c, hw, hw))
+    b.output(b.flatten(b.global_avg_pool(b.relu(x))), "out")
+    model = b.build()
+    target = resolve_target("x86").tvm_target()
+    with target:
+        mod = schedule_kernels(fuse(import_onnx(model), target), target)
+    texts = [f.script() for _, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert any("_rf" in t for t in texts) == (hw >= 4), texts
+    if hw >= 4:
+        (t,) = [t for t in texts if "_rf" in t]
+        assert f"in T.unroll(T.int64({hw})):" in t, t
+    spec = resolve_target("x86")
+    info = compile_model(model, spec, tmp_path / "m.so")
+    assert not info["schedules"].get("default_schedule_failures"), info["schedules"]
+    xs = random_inputs(model)
+    cmp = compare(run_library(tmp_path / "m.so", spec, model, xs), run_onnxruntime(model, xs), ["out"], 1e-5)
+    assert cmp.ok, cmp.summary()
+
+
 def _split_add_model(c: int, hw: int):
     """A channel split whose halves are added: two kernels with no reduction (split, add)."""
     b = GraphBuilder(f"split_add_{c}_{hw}")
