@@ -137,6 +137,12 @@ def test_gemm_rows_are_padded_with_zeros_to_whole_channel_blocks():
     assert [padded_rows(k) for k in (1024, 1000, 232, 116, 96, 160, 64, 16, 30)] == \
         [1032, 1008, 240, 120, 96, 160, 64, 16, 32]
     assert padded_rows(1024, wide=False) == 1024 and padded_rows(1000, wide=False) == 1000
+    # AVX-512: 8-channel blocks (multiples of 8 as they are)
+    assert [padded_rows(k, quantum=8) for k in (1280, 320, 1024, 1000, 232, 116, 58, 30)] == \
+        [1280, 320, 1024, 1000, 232, 120, 60, 32]
+    for target, quantum in (("avx512", 8), ("x86-64-v3", 12), ("arm", 12)):
+        with resolve_target(target).tvm_target():
+            assert pointwise.wide_quantum() == quantum, target
 
 
 def test_one_vector_tiles_in_the_output_rows_only_with_avx512_vectors():

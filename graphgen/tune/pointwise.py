@@ -206,19 +206,37 @@ K_QUANTUM = 4
 #: 960 -> 160 (to 168) 0.266 -> 0.268
 K_WIDE_QUANTUM = 12
 K_WIDE_MAX_WASTE = 1 / 25
+#: AVX-512's: its tiles of 3 vectors (48 positions of a 7x7 image) x 8 channels take blocks of
+#: 8, which padding to 12 breaks where a count is a multiple of 8 but not of 12 (1280 -> 1284,
+#: 320 -> 324: 6-channel tiles). Measured (Zen 5, one thread, conv + ReLU6, rows padded to 12
+#: -> 8): 320 -> 1280 at 7x7 0.218 -> 0.199 ms, 960 -> 320 at 7x7 0.163 -> 0.149; 160 -> 960,
+#: 464 -> 1024 at 7x7 and 512 -> 1000 at 13x13 the same
+K_WIDE_QUANTUM_AVX512 = 8
 
 
-def padded_rows(k: int, wide: bool = True) -> int:
-    """The GEMM's row count for ``k`` output channels (see :data:`K_WIDE_QUANTUM`)."""
-    wide_k = -(-k // K_WIDE_QUANTUM) * K_WIDE_QUANTUM
+def wide_quantum() -> int:
+    """K_WIDE_QUANTUM_AVX512 where the target being compiled for has AVX-512 (LegalizeOps
+    runs under it), else K_WIDE_QUANTUM."""
+    import tvm
+
+    from graphgen.tune.defaults import isa_of
+
+    target = tvm.target.Target.current(allow_none=True)
+    return K_WIDE_QUANTUM_AVX512 if target is not None and isa_of(target).lanes >= 16 else K_WIDE_QUANTUM
+
+
+def padded_rows(k: int, wide: bool = True, quantum: int = K_WIDE_QUANTUM) -> int:
+    """The GEMM's row count for ``k`` output channels (see :data:`K_WIDE_QUANTUM`; ``quantum``
+    is the wide one)."""
+    wide_k = -(-k // quantum) * quantum
     if wide and wide_k - k <= k * K_WIDE_MAX_WASTE:
         return wide_k
     return -(-k // K_QUANTUM) * K_QUANTUM
 
 
-def pad_rows(w2: np.ndarray, wide: bool = True) -> np.ndarray:
+def pad_rows(w2: np.ndarray, wide: bool = True, quantum: int = K_WIDE_QUANTUM) -> np.ndarray:
     """``w2`` with zero rows appended up to :func:`padded_rows`."""
-    extra = padded_rows(len(w2), wide) - len(w2)
+    extra = padded_rows(len(w2), wide, quantum) - len(w2)
     if extra:
         w2 = np.concatenate([w2, np.zeros((extra, w2.shape[1]), w2.dtype)])
     return np.ascontiguousarray(w2)
@@ -236,12 +254,13 @@ def legalize(bb, call, fallback, use: bool | None = None):
         if strided is None:
             return fallback(bb, call)
         w2, strides, pads = strided
-        return bb.call_te(strided_conv2d_te, call.args[0], relax.const(pad_rows(w2)), len(w2), strides, pads,
-                          primfunc_name_hint="im2col_conv2d",
+        return bb.call_te(strided_conv2d_te, call.args[0], relax.const(pad_rows(w2, quantum=wide_quantum())),
+                          len(w2), strides, pads, primfunc_name_hint="im2col_conv2d",
                           primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
     w2, (_, _, _, width) = facts
     # image rows that are whole tiles give the GEMM fused into its output (no second pass) if
     # no GEMM row is padded (schedule_pointwise): keep that rather than pad to wider blocks
     fused_rows = width % P_QUANTUM == 0
-    return bb.call_te(pointwise_conv2d_te, call.args[0], relax.const(pad_rows(w2, wide=not fused_rows)), len(w2),
+    weights = pad_rows(w2, wide=not fused_rows, quantum=wide_quantum())
+    return bb.call_te(pointwise_conv2d_te, call.args[0], relax.const(weights), len(w2),
                       primfunc_name_hint="pointwise_conv2d", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
