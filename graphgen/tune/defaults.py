@@ -1158,7 +1158,8 @@ def schedule_generic(sch, isa, outputs):
     return "generic"
 
 
-#: innermost reduction extents split into that many independent sums (see _reduction_chains)
+#: the innermost reduction extents (least, most) whose positions become independent sums
+#: (see _reduction_chains): fewer are no gain, more would not stay unrolled
 REDUCTION_CHAINS = (4, 32)
 
 
