@@ -312,3 +312,29 @@ def test_every_gemm_tile_of_a_7x7_image_matches_onnxruntime(target_name, option,
     assert kinds == {"pointwise conv2d": 1}, kinds
     assert c.ok, c.summary()
     assert seen.get("pointwise.tile", 0) > 3, seen
+
+
+def test_a_build_scheduled_like_another_target_pads_rows_as_that_target_does():
+    """The armv7 kernel check's x86 reference is scheduled like armv7 (``schedule_like``): its
+    pointwise kernels must take the armv7 library's weight shapes, so the rows are padded for
+    the ISA given (to 12: 128 -> 132), not for this host's AVX-512 (to 8: 128)."""
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune.defaults import isa_of
+    from graphgen.tune.pipeline import fuse
+
+    model = _model(c=32, k=128, h=7)
+    x86 = resolve_target("avx512").tvm_target()
+    armv7 = isa_of(resolve_target("armv7").tvm_target())
+
+    def weight_rows(isa):
+        import tvm
+
+        mod = fuse(import_onnx(model), x86, isa=isa)
+        shapes = []
+        tvm.relax.analysis.post_order_visit(mod["main"].body, lambda e: shapes.append(tuple(e.value.shape))
+                                            if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "shape")
+                                            and len(e.value.shape) == 2 else None)
+        return [s[0] for s in shapes]
+
+    assert weight_rows(None) == [128]
+    assert weight_rows(armv7) == [132]

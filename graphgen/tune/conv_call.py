@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +11,40 @@ import numpy as np
 #: TIR op pattern of a convolution: FuseOps fuses elementwise / broadcast consumers (bias,
 #: ReLU, residual add) into a kernel that carries it
 OUT_ELEMWISE_FUSABLE = 4
+
+
+#: the ISA graphgen's kernels are legalized for, where it is not the target's own (see
+#: :func:`legalizing_for`)
+_LEGALIZE_ISA: ContextVar = ContextVar("graphgen_legalize_isa", default=None)
+
+
+@contextmanager
+def legalizing_for(isa):
+    """Kernels legalized inside take their vector widths and weight blocks from ``isa`` (a
+    :class:`graphgen.tune.defaults.Isa`; None: the current target's). A build scheduled like
+    another target (the armv7 kernel check's x86 reference) must give its kernels the same
+    argument shapes as that target's library."""
+    token = _LEGALIZE_ISA.set(isa)
+    try:
+        yield
+    finally:
+        _LEGALIZE_ISA.reset(token)
+
+
+def legalize_lanes() -> int | None:
+    """fp32 lanes of the ISA kernels are legalized for: :func:`legalizing_for`'s, else the
+    current target's (LegalizeOps runs under it), else None."""
+    isa = _LEGALIZE_ISA.get()
+    if isa is None:
+        import tvm
+
+        from graphgen.tune.defaults import isa_of
+
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None:
+            return None
+        isa = isa_of(target)
+    return isa.lanes
 
 
 @dataclass(frozen=True)

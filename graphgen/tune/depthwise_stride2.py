@@ -146,14 +146,11 @@ def depthwise_stride2_func(shape, out_hw, pad_top: int, pad_left: int, widest: i
 
 
 def widest_lanes() -> int:
-    """WIDE_LANES where the target being compiled for has AVX-512 (LegalizeOps runs under it),
-    else LANES."""
-    import tvm
+    """WIDE_LANES where the kernels are legalized for AVX-512
+    (:func:`graphgen.tune.conv_call.legalize_lanes`), else LANES."""
+    from graphgen.tune.conv_call import legalize_lanes
 
-    from graphgen.tune.defaults import isa_of
-
-    target = tvm.target.Target.current(allow_none=True)
-    return WIDE_LANES if target is not None and isa_of(target).lanes >= WIDE_LANES else LANES
+    return WIDE_LANES if (legalize_lanes() or 0) >= WIDE_LANES else LANES
 
 
 def legalize(bb, call, fallback):

@@ -48,7 +48,8 @@ def tuning_target(spec):
     return tvm.target.Target(tuning_target_json(spec))
 
 
-def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, pointwise: bool | None = None):
+def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, pointwise: bool | None = None,
+         isa=None):
     """Relax module -> fused TIR kernels (what MetaSchedule extracts tasks from).
 
     ``layout_rewrite=False`` leaves the weights' layout alone (schedules then read them in
@@ -57,15 +58,18 @@ def fuse(mod, target, layout_rewrite: bool = True, winograd: str | None = None, 
     whether 1x1 convs become pointwise GEMM kernels (:func:`graphgen.tune.pointwise.enabled`).
     The weights are the module's constants, or its parameters after ``num_input``
     (``params_as_inputs``): those are repacked by kernels the library runs on every call.
+    ``isa``: the ISA graphgen's kernels are shaped for (vector widths, weight blocks), where a
+    build is scheduled like another target's; default: the target's.
     """
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp
 
     from graphgen.tune import fold_constant_calls
+    from graphgen.tune.conv_call import legalizing_for
     from graphgen.tune.winograd import legalize_map
 
-    with target:
+    with target, legalizing_for(isa):
         return tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
@@ -285,7 +289,7 @@ def cpu_pipeline(target, database=None, default_schedules: bool = True, stats: S
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        mod = fuse(mod, target, layout_rewrite, winograd, pointwise)
+        mod = fuse(mod, target, layout_rewrite, winograd, pointwise, isa)
         mod = schedule_kernels(mod, target, database, default_schedules, stats, isa)
         return finish(mod, target, stats, concat_in_place)
 

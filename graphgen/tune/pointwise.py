@@ -215,14 +215,11 @@ K_WIDE_QUANTUM_AVX512 = 8
 
 
 def wide_quantum() -> int:
-    """K_WIDE_QUANTUM_AVX512 where the target being compiled for has AVX-512 (LegalizeOps
-    runs under it), else K_WIDE_QUANTUM."""
-    import tvm
+    """K_WIDE_QUANTUM_AVX512 where the kernels are legalized for AVX-512
+    (:func:`graphgen.tune.conv_call.legalize_lanes`), else K_WIDE_QUANTUM."""
+    from graphgen.tune.conv_call import legalize_lanes
 
-    from graphgen.tune.defaults import isa_of
-
-    target = tvm.target.Target.current(allow_none=True)
-    return K_WIDE_QUANTUM_AVX512 if target is not None and isa_of(target).lanes >= 16 else K_WIDE_QUANTUM
+    return K_WIDE_QUANTUM_AVX512 if (legalize_lanes() or 0) >= 16 else K_WIDE_QUANTUM
 
 
 def padded_rows(k: int, wide: bool = True, quantum: int = K_WIDE_QUANTUM) -> int:
