@@ -132,3 +132,19 @@ def test_tvm_threads_one_core_each_and_the_caller_pinned_only_while_timing():
         assert os.sched_getaffinity(0) == before  # restored on errors too
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_profile_kernels_lists_each_runtimes_kernels_with_their_times(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("profile_kernels", ROOT / "benchmarks" / "profile_kernels.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    model = _small_model(tmp_path / "benchnet.onnx")
+    assert prof.main([str(model), "--runs", "3", "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    graphgen_part, ort_part = out.split("onnxruntime ")
+    rows = [line.split() for line in graphgen_part.splitlines()[1:] if line.strip()]
+    # the conv (with its fused ReLU), the pool, the mean and the dense layer: one call each
+    assert any("conv2d" in r[-1] for r in rows) and any("matmul" in r[-1] or "dense" in r[-1] for r in rows), out
+    for r in rows:
+        assert r[1] == "us" and math.isfinite(float(r[0])) and float(r[0]) >= 0, r
+    assert "Conv " in ort_part and "Gemm " in ort_part, out

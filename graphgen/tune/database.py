@@ -99,7 +99,8 @@ def _code_fingerprint(source: str) -> str:
 
 
 def schedules_fingerprint() -> str:
-    """What graphgen's default schedules are (:mod:`graphgen.tune.defaults`, its code).
+    """What graphgen's default schedules are (:mod:`graphgen.tune.defaults`, its code, and
+    :mod:`graphgen.tune.stack_tiles`, where their register tiles live).
 
     A record's trace replays the schedule decisions of the graphgen that measured it: the
     default schedule and the knob settings of that time. After the defaults change (a better
@@ -107,12 +108,15 @@ def schedules_fingerprint() -> str:
     against defaults that no longer exist, and keep the old decisions; so a database belongs to
     one version of the defaults, like one TVM version.
     """
-    from graphgen.tune import defaults
+    from graphgen.tune import defaults, stack_tiles
 
+    # the defaults' code and how their register tiles are allocated (stack_tiles: a tile's time
+    # changes with it, and so would the tuner's choice between tiles)
     try:
-        return _code_fingerprint(Path(defaults.__file__).read_text())
+        prints = [_code_fingerprint(Path(m.__file__).read_text()) for m in (defaults, stack_tiles)]
     except (OSError, SyntaxError, UnicodeDecodeError):  # no source to read: the check cannot
         return "unknown"  # tell, and passes
+    return hashlib.sha256(" ".join(prints).encode()).hexdigest()[:12]
 
 
 def timing() -> str:

@@ -80,13 +80,17 @@ def _make_builder_class():
             import tvm
             from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+            from graphgen.tune import stack_tiles
+
             fcompile = make_fcompile(self.triple)
             results = []
             for bi in build_inputs:
                 self.count += 1
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
-                    rt_mod = tvm.compile(mod, target=bi.target)
+                    # the TIR pipeline the library is built with (compile_cpu), so a candidate is
+                    # timed as it will run
+                    rt_mod = tvm.compile(mod, target=bi.target, tir_pipeline=stack_tiles.register())
                     d = tempfile.mkdtemp(prefix=f"cand{self.count}-", dir=self.work_dir)
                     path = os.path.join(d, "cand.so")
                     rt_mod.export_library(path, fcompile=fcompile)

@@ -313,6 +313,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     import tvm
 
     from graphgen.tune import database as dbm
+    from graphgen.tune import stack_tiles
     from graphgen.tune.defaults import isa_of
     from graphgen.tune.winograd import resolve_mode
 
@@ -347,7 +348,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
                     target, db.tvm_db if db else None, defaults, stats, layout_rewrite, isa, winograd, pointwise,
-                    concat_in_place))
+                    concat_in_place), tir_pipeline=stack_tiles.register())
             opened = db
             pipeline = "tvm-default" if defaults is None else "graphgen"
             break

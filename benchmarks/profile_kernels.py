@@ -1,0 +1,139 @@
+"""Per-kernel time of a graphgen library in the model, next to onnxruntime's per-node time.
+
+    python benchmarks/profile_kernels.py mobilenet_v2 [--threads 1] [--runs 50] [--top 25] [--db DIR]
+
+graphgen: TVM's VM runs the library with an instrument hook that takes the time around each
+kernel call (median over runs, per call site in run order). onnxruntime: its own profiler
+(``enable_profiling``), the median of each node's duration over the same number of runs.
+Both get the same optimized graph and input, one after the other in one process, pinned as
+``graphgen bench`` pins them. The hook costs a few microseconds per call, so the kernel
+times are what the kernels take, and their sum is below the model's latency by the VM's own
+work (allocation, calls). Prints both tables, largest first, and the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def profile_tvm(lib_path: Path, inputs: dict, model, runs: int, warmup: int = 10) -> list[tuple[str, float]]:
+    import tvm
+    from tvm import relax
+
+    from graphgen.bench import tvm_caller_pinned
+    from graphgen.verify import graph_inputs
+
+    lib = tvm.runtime.load_module(str(lib_path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name])) for v in graph_inputs(model)]
+    fn = vm["main"]
+    calls: list[tuple[str, float]] = []
+    started: list[float] = []
+
+    def instrument(func, name, before_run, ret_value, *a):
+        if before_run:
+            started.append(time.perf_counter())
+        else:
+            calls.append((str(name), time.perf_counter() - started.pop()))
+        return 0
+
+    per_site: dict[int, list[float]] = defaultdict(list)
+    names: dict[int, str] = {}
+    with tvm_caller_pinned():
+        for _ in range(warmup):
+            fn(*args)
+        vm.set_instrument(instrument)
+        for _ in range(runs):
+            calls.clear()
+            fn(*args)
+            for i, (name, dt) in enumerate(calls):
+                names[i] = name
+                per_site[i].append(dt)
+    return [(names[i], statistics.median(per_site[i])) for i in sorted(names)]
+
+
+def profile_ort(model, inputs: dict, threads: int, runs: int, warmup: int = 10) -> list[tuple[str, float]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            sess.run(None, inputs)
+        for _ in range(runs):
+            sess.run(None, inputs)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        key = f'{e["args"].get("op_name", "?")} {e["name"][:-len("_kernel_time")]}'
+        if key not in per_node:
+            order.append(key)
+        per_node[key].append(e["dur"] * 1e-6)
+    return [(k, statistics.median(per_node[k][-runs:])) for k in order]
+
+
+def _table(rows: list[tuple[str, float]], top: int, title: str) -> str:
+    total = sum(t for _, t in rows)
+    lines = [f"{title}: {len(rows)} calls, {total * 1e3:.3f} ms summed"]
+    for name, t in sorted(rows, key=lambda r: -r[1])[:top]:
+        lines.append(f"  {t * 1e6:9.1f} us  {100 * t / total:5.1f} %  {name}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--db", help="a tuning database to build with (default: none, the untuned library)")
+    ap.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    args = ap.parse_args(argv)
+
+    from graphgen.api import load_model
+    from graphgen.bench import set_tvm_threads
+    from graphgen.compile import compile_model, resolve_target
+    from graphgen.errors import UserError
+    from graphgen.optimize import optimize
+    from graphgen.verify import random_inputs
+
+    try:
+        spec = resolve_target(args.target)
+        src = load_model(args.model, input_size=tuple(args.input_size) if args.input_size else None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opt = optimize(src.model).model
+    inputs = random_inputs(opt, 0)
+    set_tvm_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="graphgen-profile-") as tmp:
+        lib = Path(tmp) / "model.so"
+        compile_model(opt, spec, lib, database=Path(args.db) if args.db else None, default_schedules=True)
+        tvm_rows = profile_tvm(lib, inputs, opt, args.runs)
+    ort_rows = profile_ort(opt, inputs, args.threads, args.runs)
+    print(_table(tvm_rows, args.top, f"graphgen {args.model} ({args.threads} threads)"))
+    print()
+    print(_table(ort_rows, args.top, f"onnxruntime {args.model}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
