@@ -123,3 +123,14 @@ def test_models_with_stacked_tiles_match_onnxruntime(kwargs, tmp_path, monkeypat
     kwargs = {"kernel": 1, "padding": 0, **kwargs}
     _, c = compile_and_compare(single_conv_model(**kwargs), tmp_path, "x86", TOL)
     assert c.ok, c.summary()
+
+
+def test_the_manifest_records_whether_tiles_were_kept_on_the_stack(monkeypatch):
+    from graphgen.compile.tvm_build import import_onnx
+
+    mod = import_onnx(single_conv_model(8, 8, 8, kernel=1, padding=0))
+    for env, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("GRAPHGEN_STACK_TILES", env)
+        info = {}
+        compile_cpu(mod, resolve_target("x86"), None, True, info)
+        assert info["schedules"]["stack_tiles"] is expected

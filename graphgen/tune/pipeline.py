@@ -370,7 +370,8 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                          "layout_rewrite": layout_rewrite and pipeline == "graphgen",
                          "winograd": winograd if pipeline == "graphgen" else "off",
                          "pointwise": pointwise and pipeline == "graphgen",
-                         "concat_in_place": concat_in_place and pipeline == "graphgen"}
+                         "concat_in_place": concat_in_place and pipeline == "graphgen",
+                         "stack_tiles": stack_tiles.enabled() and pipeline == "graphgen"}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
         # kernels whose record the tuner chose by timing its fastest schedules again (chosen.json)
