@@ -73,7 +73,7 @@ def _marks(buffer) -> bool:
     return scope == "local"
 
 
-def _rewrite(stmt, counter: list[int]):
+def _rewrite(stmt):
     """``stmt`` with every allocation :func:`_marks` takes annotated (the same object where
     nothing under it changed)."""
     from tvm import tirx
@@ -81,28 +81,27 @@ def _rewrite(stmt, counter: list[int]):
     if isinstance(stmt, tirx.AllocBuffer):
         if not _marks(stmt.buffer) or bool(stmt.annotations.get(ANNOTATION, False)):
             return stmt
-        counter[0] += 1
         # a boolean IntImm: LowerTVMBuiltin reads the annotation as one (a Python bool fails there)
         flag = tirx.IntImm("bool", 1)
         return tirx.AllocBuffer(stmt.buffer, annotations={**dict(stmt.annotations), ANNOTATION: flag})
     if isinstance(stmt, tirx.SeqStmt):
-        seq = [_rewrite(s, counter) for s in stmt.seq]
+        seq = [_rewrite(s) for s in stmt.seq]
         return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
     if isinstance(stmt, tirx.For):
-        body = _rewrite(stmt.body, counter)
+        body = _rewrite(stmt.body)
         return stmt if body.same_as(stmt.body) else tirx.For(
             stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
     if isinstance(stmt, tirx.IfThenElse):
-        then_case = _rewrite(stmt.then_case, counter)
-        else_case = _rewrite(stmt.else_case, counter) if stmt.else_case is not None else None
+        then_case = _rewrite(stmt.then_case)
+        else_case = _rewrite(stmt.else_case) if stmt.else_case is not None else None
         if then_case.same_as(stmt.then_case) and (else_case is None or else_case.same_as(stmt.else_case)):
             return stmt
         return tirx.IfThenElse(stmt.condition, then_case, else_case)
     if isinstance(stmt, tirx.AttrStmt):
-        body = _rewrite(stmt.body, counter)
+        body = _rewrite(stmt.body)
         return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
     if isinstance(stmt, tirx.While):
-        body = _rewrite(stmt.body, counter)
+        body = _rewrite(stmt.body)
         return stmt if body.same_as(stmt.body) else tirx.While(stmt.condition, body)
     return stmt
 
@@ -110,19 +109,12 @@ def _rewrite(stmt, counter: list[int]):
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="graphgen.StackTiles")
 def StackTiles(func, _mod, _ctx):  # noqa: N802 - a pass, named as TVM's are
     """Annotate small constant-size buffers to stay on the stack (see the module)."""
-    body = _rewrite(func.body, [0])
+    body = _rewrite(func.body)
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-def count_marked(func) -> int:
-    """How many allocations of ``func`` (a lowered PrimFunc) this pass would mark."""
-    counter = [0]
-    _rewrite(func.body, counter)
-    return counter[0]
-
-
 def enabled() -> bool:
-    """Whether CPU builds keep large register tiles on the stack (``GRAPHGEN_STACK_TILES=0``: no)."""
+    """Whether CPU builds keep their small buffers on the stack (``GRAPHGEN_STACK_TILES=0``: no)."""
     return os.environ.get("GRAPHGEN_STACK_TILES", "1") != "0"
 
 
