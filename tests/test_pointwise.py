@@ -338,3 +338,42 @@ def test_a_build_scheduled_like_another_target_pads_rows_as_that_target_does():
 
     assert weight_rows(None) == [128]
     assert weight_rows(armv7) == [132]
+
+
+def test_narrowing_convs_over_a_large_input_put_positions_outside():
+    """Which loop order goes first (``pointwise_orders``): a projection (more input channels than
+    output) whose input outgrows L2 walks the positions outside, reading its input once instead
+    of once per channel block; expansions and small inputs keep channels outside."""
+    from graphgen.tune.defaults import POSITIONS_OUTSIDE_MIN_INPUT, pointwise_orders
+
+    assert pointwise_orders(144, 24, 56 * 56)[0] == "positions outside"       # 1.8 MB of input
+    assert pointwise_orders(32, 16, 112 * 112)[0] == "positions outside"      # 1.6 MB
+    assert pointwise_orders(24, 144, 56 * 56)[0] == "channels outside"        # an expansion
+    assert pointwise_orders(192, 32, 28 * 28)[0] == "channels outside"        # 0.6 MB: fits L2
+    assert pointwise_orders(64, 64, 64 * 64)[0] == "channels outside"         # not narrowing
+    edge = POSITIONS_OUTSIDE_MIN_INPUT // (4 * 256)
+    assert pointwise_orders(256, 16, edge)[0] == "positions outside"
+    assert pointwise_orders(256, 16, edge - 16)[0] == "channels outside"
+    assert sorted(pointwise_orders(144, 24, 3136)) == ["channels outside", "positions outside"]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_projection_over_56x56_runs_positions_outside_and_matches_onnxruntime(residual, tmp_path, monkeypatch):
+    """MobileNetV2's 144 -> 24 at 56x56, with and without its residual add fused: the parallel
+    loop is positions outside channel blocks in the default schedule, and the library matches
+    onnxruntime."""
+    from graphgen.builder import GraphBuilder
+
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    b = GraphBuilder("projection")
+    y = b.conv(b.input("input", (1, 144, 56, 56)), 24, 1, padding=0, name="conv")
+    if residual:
+        y = b.add(y, b.input("skip", (1, 24, 56, 56)))
+    b.output(y, "out")
+    model = b.build()
+    (f,) = _scheduled_pointwise(model, "avx512")
+    parallel = re.findall(r"for (\w+) in T\.parallel", f.script())
+    assert any("_p_0_k_0_fused" in name for name in parallel), parallel
+    kinds, cmp = _check(model, tmp_path)
+    assert kinds == {"pointwise conv2d": 1}, kinds
+    assert cmp.ok, cmp.summary()
