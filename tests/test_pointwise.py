@@ -377,3 +377,22 @@ def test_a_projection_over_56x56_runs_positions_outside_and_matches_onnxruntime(
     kinds, cmp = _check(model, tmp_path)
     assert kinds == {"pointwise conv2d": 1}, kinds
     assert cmp.ok, cmp.summary()
+
+
+@pytest.mark.parametrize("c_in, parts", [(160, 4), (58, 2), (15, 1)])
+def test_positions_computed_apart_sum_in_independent_parts(c_in, parts, tmp_path, monkeypatch):
+    """The positions past the last whole vector (7x7: the 49th) are accumulated in partial sums
+    over interleaved input channels, 4 where the channels divide by 4, else 2, else 1 (several
+    FMA chains instead of one as long as the reduction), added in the output stage; every
+    case against onnxruntime."""
+    from graphgen.tune.pointwise import rest_partial_sums
+
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    assert rest_partial_sums(c_in) == parts
+    model = _model(c=c_in, k=48, h=7)
+    (f,) = _scheduled_pointwise(model, "avx512")
+    text = f.script()
+    assert f"pointwise_gemm_rest = T.sblock_alloc_buffer((T.int64(1), T.int64(1), T.int64({parts}), " in text
+    kinds, c = _check(model, tmp_path)
+    assert kinds == {"pointwise conv2d": 1}, kinds
+    assert c.ok, c.summary()

@@ -106,16 +106,36 @@ def _gemm_rows(x_at, weight, k_out: int, dims, out_hw, split: bool = False):
     if main == p_all:
         return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: gemm[n, k, y * out_w + x],
                           name="pointwise_out")
-    rc2 = te.reduce_axis((0, c_in), name="rc")
-    rest = te.compute((n_b, p_all - main, k_pad),
-                      lambda n, q, k: te.sum(weight[k, rc2] * x_at(n, rc2, q + main), axis=rc2),
+    parts = rest_partial_sums(c_in)
+    rc2 = te.reduce_axis((0, c_in // parts), name="rc")
+    rest = te.compute((n_b, p_all - main, parts, k_pad),
+                      lambda n, q, j, k: te.sum(weight[k, rc2 * parts + j] * x_at(n, rc2 * parts + j, q + main),
+                                                axis=rc2),
                       name="pointwise_gemm_rest")
 
     def at(n, k, p):
         # clamped indices: each side of the select reads only inside its buffer
-        return tirx.if_then_else(p < main, gemm[n, k, tirx.min(p, main - 1)], rest[n, tirx.max(p - main, 0), k])
+        q = tirx.max(p - main, 0)
+        total = rest[n, q, 0, k]
+        for j in range(1, parts):
+            total = total + rest[n, q, j, k]
+        return tirx.if_then_else(p < main, gemm[n, k, tirx.min(p, main - 1)], total)
 
     return te.compute((n_b, k_out, out_h, out_w), lambda n, k, y, x: at(n, k, y * out_w + x), name="pointwise_out")
+
+
+#: partial sums the positions computed apart are accumulated in (see :func:`rest_partial_sums`)
+REST_PARTS = 4
+
+
+def rest_partial_sums(c_in: int) -> int:
+    """Partial sums over interleaved input channels (``c = rc * parts + j``) the positions
+    computed apart are accumulated in, added in the output stage. Few positions are left
+    (7x7: 48 + 1), so one sum per output-channel block is one FMA chain as long as the
+    reduction, run at the FMA's latency, not its throughput; ``parts`` independent chains read
+    the weights in the main GEMM's own order (``[K/kb, C, kb]``: consecutive ``c``), so both
+    stages share one repacked copy. Channels past a whole number of parts: fewer parts."""
+    return next(p for p in (REST_PARTS, 2, 1) if c_in % p == 0)
 
 
 def _strided_positions(h: int, w: int, strides, pads) -> tuple[int, int, int]:
