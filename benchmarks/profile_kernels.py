@@ -1,6 +1,7 @@
 """Per-kernel time of a graphgen library in the model, next to onnxruntime's per-node time.
 
     python benchmarks/profile_kernels.py mobilenet_v2 [--threads 1] [--runs 50] [--top 25] [--db DIR]
+    python benchmarks/profile_kernels.py mobilenet_v2 --side-by-side
 
 graphgen: TVM's VM runs the library with an instrument hook that takes the time around each
 kernel call (median over runs, per call site in run order). onnxruntime: its own profiler
@@ -9,6 +10,11 @@ Both get the same optimized graph and input, one after the other in one process,
 ``graphgen bench`` pins them. The hook costs a few microseconds per call, so the kernel
 times are what the kernels take, and their sum is below the model's latency by the VM's own
 work (allocation, calls). Prints both tables, largest first, and the totals.
+
+``--side-by-side`` lists the two runtimes' kernels in run order instead, one row per layer
+with the difference, where they pair up one to one (the VM's own builtins and onnxruntime's
+layout reorders left out; both fuse each conv with its bias, activation and residual add):
+the per-layer view that shows which layers a change should go after.
 """
 
 from __future__ import annotations
@@ -89,6 +95,22 @@ def profile_ort(model, inputs: dict, threads: int, runs: int, warmup: int = 10) 
     return [(k, statistics.median(per_node[k][-runs:])) for k in order]
 
 
+def side_by_side(tvm_rows: list[tuple[str, float]], ort_rows: list[tuple[str, float]]) -> str | None:
+    """The kernels of both runtimes in run order, a row per layer: graphgen's time,
+    onnxruntime's, the difference and both names; None where they do not pair up one to one."""
+    ours = [r for r in tvm_rows if not r[0].startswith("vm.")]
+    theirs = [r for r in ort_rows if not r[0].startswith(("ReorderInput", "ReorderOutput"))]
+    if len(ours) != len(theirs):
+        return None
+    lines = [f"{'graphgen':>9} {'ORT':>9} {'diff':>9}  layer (graphgen kernel | onnxruntime node)"]
+    for (a, ta), (b, tb) in zip(ours, theirs):
+        lines.append(f"{ta * 1e6:6.1f} us {tb * 1e6:6.1f} us {(ta - tb) * 1e6:+6.1f} us  {a} | {b}")
+    total_a, total_b = sum(t for _, t in ours), sum(t for _, t in theirs)
+    lines.append(f"{total_a * 1e3:6.3f} ms {total_b * 1e3:6.3f} ms {(total_a - total_b) * 1e3:+6.3f} ms  "
+                 f"summed over {len(ours)} layers")
+    return "\n".join(lines)
+
+
 def _table(rows: list[tuple[str, float]], top: int, title: str) -> str:
     total = sum(t for _, t in rows)
     lines = [f"{title}: {len(rows)} calls, {total * 1e3:.3f} ms summed"]
@@ -106,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--db", help="a tuning database to build with (default: none, the untuned library)")
     ap.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="one row per layer in run order, graphgen next to onnxruntime, with the difference")
     args = ap.parse_args(argv)
 
     from graphgen.api import load_model
@@ -129,6 +153,13 @@ def main(argv=None) -> int:
         compile_model(opt, spec, lib, database=Path(args.db) if args.db else None, default_schedules=True)
         tvm_rows = profile_tvm(lib, inputs, opt, args.runs)
     ort_rows = profile_ort(opt, inputs, args.threads, args.runs)
+    if args.side_by_side:
+        table = side_by_side(tvm_rows, ort_rows)
+        if table is not None:
+            print(f"graphgen and onnxruntime, {args.model} ({args.threads} threads), run order:")
+            print(table)
+            return 0
+        print("the two runtimes' kernels do not pair up one to one (different fusion): separate tables\n")
     print(_table(tvm_rows, args.top, f"graphgen {args.model} ({args.threads} threads)"))
     print()
     print(_table(ort_rows, args.top, f"onnxruntime {args.model}"))

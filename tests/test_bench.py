@@ -148,3 +148,24 @@ def test_profile_kernels_lists_each_runtimes_kernels_with_their_times(tmp_path, 
     for r in rows:
         assert r[1] == "us" and math.isfinite(float(r[0])) and float(r[0]) >= 0, r
     assert "Conv " in ort_part and "Gemm " in ort_part, out
+
+
+def test_profile_kernels_side_by_side_pairs_layers_in_run_order(tmp_path, capsys):
+    """``--side-by-side``: one row per layer, graphgen's kernel next to onnxruntime's node in run
+    order with the difference of their times; the totals row adds up the rows."""
+    spec = importlib.util.spec_from_file_location("profile_kernels", ROOT / "benchmarks" / "profile_kernels.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    rows = prof.side_by_side([("vm.builtin.alloc_storage", 1e-6), ("fused_conv2d_relu", 3e-4), ("fused_matmul", 2e-4)],
+                             [("ReorderInput a", 1e-5), ("Conv conv", 2e-4), ("Gemm fc", 2.5e-4)])
+    lines = rows.splitlines()
+    assert "fused_conv2d_relu | Conv conv" in lines[1] and "+100.0 us" in lines[1], rows
+    assert "fused_matmul | Gemm fc" in lines[2] and "-50.0 us" in lines[2], rows
+    assert lines[3].split()[:4] == ["0.500", "ms", "0.450", "ms"] and "+0.050 ms" in lines[3], rows
+    assert prof.side_by_side([("fused_conv2d", 1e-4)], [("Conv a", 1e-4), ("Gemm b", 1e-4)]) is None
+    model = _small_model(tmp_path / "benchnet.onnx")
+    assert prof.main([str(model), "--runs", "3", "--side-by-side"]) == 0
+    out = capsys.readouterr().out
+    assert "run order" in out or "do not pair up" in out, out
+    if "run order" in out:
+        assert any("conv2d" in line and "| Conv " in line for line in out.splitlines()), out
