@@ -24,47 +24,15 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 
 def profile_tvm(lib_path: Path, inputs: dict, model, runs: int, warmup: int = 10) -> list[tuple[str, float]]:
-    import tvm
-    from tvm import relax
+    from graphgen.bench import kernel_times
 
-    from graphgen.bench import tvm_caller_pinned
-    from graphgen.verify import graph_inputs
-
-    lib = tvm.runtime.load_module(str(lib_path))
-    vm = relax.VirtualMachine(lib, tvm.cpu())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name])) for v in graph_inputs(model)]
-    fn = vm["main"]
-    calls: list[tuple[str, float]] = []
-    started: list[float] = []
-
-    def instrument(func, name, before_run, ret_value, *a):
-        if before_run:
-            started.append(time.perf_counter())
-        else:
-            calls.append((str(name), time.perf_counter() - started.pop()))
-        return 0
-
-    per_site: dict[int, list[float]] = defaultdict(list)
-    names: dict[int, str] = {}
-    with tvm_caller_pinned():
-        for _ in range(warmup):
-            fn(*args)
-        vm.set_instrument(instrument)
-        for _ in range(runs):
-            calls.clear()
-            fn(*args)
-            for i, (name, dt) in enumerate(calls):
-                names[i] = name
-                per_site[i].append(dt)
-    return [(names[i], statistics.median(per_site[i])) for i in sorted(names)]
+    return kernel_times(lib_path, inputs, model, runs, warmup)
 
 
 def profile_ort(model, inputs: dict, threads: int, runs: int, warmup: int = 10) -> list[tuple[str, float]]:

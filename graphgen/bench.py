@@ -16,6 +16,7 @@ and the table says what the machine was doing (its load average) when they were 
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 import os
 import platform
 import statistics
@@ -129,6 +130,45 @@ def _tvm_runner(lib_path: Path, inputs: dict, model):
         return out
 
     return run
+
+
+def kernel_times(lib_path: Path, inputs: dict, model, runs: int, warmup: int = 10) -> list[tuple[str, float]]:
+    """Each kernel call of one run of the library at ``lib_path`` on ``inputs``, in run order:
+    (the kernel's name, its median time in seconds over ``runs`` runs), timed through the VM's
+    instrument hook (a few microseconds of its own per call), the caller pinned as
+    :func:`bench` pins it. The VM's own builtins are rows too (``vm.builtin.*``)."""
+    import tvm
+    from tvm import relax
+
+    from graphgen.verify import graph_inputs
+
+    lib = tvm.runtime.load_module(str(lib_path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[v.name])) for v in graph_inputs(model)]
+    fn = vm["main"]
+    calls: list[tuple[str, float]] = []
+    started: list[float] = []
+
+    def instrument(func, name, before_run, ret_value, *a):
+        if before_run:
+            started.append(time.perf_counter())
+        else:
+            calls.append((str(name), time.perf_counter() - started.pop()))
+        return 0
+
+    per_site: dict[int, list[float]] = defaultdict(list)
+    names: dict[int, str] = {}
+    with tvm_caller_pinned():
+        for _ in range(warmup):
+            fn(*args)
+        vm.set_instrument(instrument)
+        for _ in range(runs):
+            calls.clear()
+            fn(*args)
+            for i, (name, dt) in enumerate(calls):
+                names[i] = name
+                per_site[i].append(dt)
+    return [(names[i], statistics.median(per_site[i])) for i in sorted(names)]
 
 
 def _ort_runner(model, inputs: dict, threads: int):

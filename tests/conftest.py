@@ -6,6 +6,9 @@ import pytest
 
 # keep TVM/onnxruntime from oversubscribing the 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# tuning runs end with a check of the tuned kernels in the model (two builds, a few hundred
+# runs); the tests that are about it turn it on, the others keep their tiny budgets tiny
+os.environ.setdefault("GRAPHGEN_TUNE_IN_MODEL", "0")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -216,6 +217,21 @@ def test_a_build_keeps_only_the_chosen_schedules_records_while_the_choice_holds(
         assert dbm.inspect(path).chosen_key("111") is None
     (path / dbm.CHOICES).write_text("{not json")
     assert dbm.inspect(path).choices == {}
+
+
+def test_a_workload_whose_choice_is_the_default_schedule_gets_no_record_while_the_choice_holds(tmp_path):
+    """The tuner's check in the model can choose graphgen's default schedule for a workload: a
+    build then loads none of its records (the kernel gets the default schedule), until records
+    are added after the choice."""
+    path = tmp_path / "db"
+    lines = _two_workload_db(path)
+    dbm.write_choices(path, {"111": {"default": True, "records": 3, "in_model_us": {"default": 5.0, "tuned": 9.0}}})
+    info = dbm.inspect(path)
+    assert info.keeps_default("111") and not info.keeps_default("222") and info.chosen_key("111") is None
+    assert dbm.build_record_bytes(info).decode().splitlines() == [lines[2]]  # workload 1's record only
+    (path / dbm.RECORDS).write_text("\n".join(lines + [_record_line(0, "new", 0.5e-6)]) + "\n")
+    info = dbm.inspect(path)
+    assert not info.keeps_default("111") and dbm.build_record_bytes(info) == info.record_bytes
 
 
 def test_schedules_fingerprint_follows_the_code_not_its_comments():
@@ -728,3 +744,52 @@ def test_arm_tuning_over_rpc_on_an_emulated_board(tiny_onnx, tmp_path):
         server.wait(timeout=30)
         tracker.terminate()
 
+
+
+def test_tuning_ends_by_keeping_the_default_schedule_of_kernels_slower_tuned_in_the_model(
+        cache, tiny_onnx, tmp_path, monkeypatch):
+    """The last step of a tuning run builds the model untuned and tuned and profiles both
+    (here the profile is made up: the 1x1 conv's kernel twice as slow tuned); that kernel's
+    choice becomes graphgen's default schedule, so a later build takes it from no record, and
+    the library still matches onnxruntime."""
+    import onnx
+    import tvm
+
+    from graphgen import bench
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune import pipeline, tune_onnx, tuner
+
+    monkeypatch.setenv("GRAPHGEN_TUNE_IN_MODEL", "1")
+    spec = resolve_target("x86")
+    model = onnx.load(str(tiny_onnx))
+    target = tvm.target.Target(pipeline.tuning_target_json(spec))
+    workloads = tuner._kernel_workloads(pipeline.fuse(import_onnx(model), target))
+    conv = next(name for name in workloads if "conv2d" in name and "pointwise" in name)
+    profiled = []
+
+    def made_up(lib_path, inputs, model, runs, warmup=10):
+        profiled.append(Path(lib_path).name)
+        slow = Path(lib_path).name == "tuned.so"
+        return [("vm.builtin.alloc_storage", 1e-6), (conv + "_prepacked", 40e-6 if slow else 20e-6),
+                ("some_other_kernel", 5e-6)]
+
+    monkeypatch.setattr(bench, "kernel_times", made_up)
+    said = []
+    res = tune_onnx(model, spec, trials=8, batch=2, report=said.append)
+    assert not res.interrupted
+    assert sorted(set(profiled)) == ["tuned.so", "untuned.so"] and len(profiled) == 2 * tuner.IN_MODEL_ROUNDS
+    assert any("keep it: " + conv in m for m in said), said
+    info = dbm.inspect(res.database)
+    h = workloads[conv]
+    assert info.keeps_default(h), info.choices.get(h)
+    assert info.choices[h]["in_model_us"] == {"default": 20.0, "tuned": 40.0}
+    assert [k for k, c in info.choices.items() if c.get("default")] == [h]  # only the slower kernel
+    built = compile_model(model, spec, tmp_path / "m.so", database=res.database)
+    assert built["schedules"]["from_database"] == res.tasks - 1, built["schedules"]
+    x = random_inputs(model)
+    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x),
+                [o.name for o in model.graph.output], 1e-5)
+    assert c.ok, c.summary()
+    # with the check off, a tuning run leaves the choices as the re-timing made them
+    monkeypatch.setenv("GRAPHGEN_TUNE_IN_MODEL", "0")
+    assert not tuner.in_model_check_enabled()

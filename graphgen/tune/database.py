@@ -7,6 +7,7 @@ Layout of a database folder (TVM's own ``JSONDatabase`` files plus a header of o
         database_workload.json       one line per workload: [structural hash, IRModule]
         database_tuning_record.json  one line per measured trial: [workload index, record]
         chosen.json                  per workload, the record the tuner's final re-measurement chose
+                                     (or graphgen's default schedule, where the model ran it faster)
 
 ``<cache>`` is ``$GRAPHGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphgen``, else
 ``~/.cache/graphgen``. The target key names the target and its CPU and hashes the full
@@ -165,6 +166,13 @@ class DatabaseInfo:
             return None
         return key
 
+    def keeps_default(self, workload: str) -> bool:
+        """Whether the choice for ``workload`` is graphgen's default schedule (the tuner's check
+        in the model found its tuned schedule slower there), while the choice still holds: the
+        workload has the records it was made among."""
+        c = self.choices.get(workload)
+        return isinstance(c, dict) and c.get("default") is True and c.get("records") == self.record_count(workload)
+
     @property
     def records(self) -> int:
         return sum(s.trials for s in self.stats.values())
@@ -292,12 +300,15 @@ def write_choices(path: Path, choices: dict[str, dict]) -> None:
 
 def build_record_bytes(info: DatabaseInfo) -> bytes:
     """The record lines a build loads: for a workload with a choice that holds, only the
-    records of the chosen schedule; every record of the other workloads."""
+    records of the chosen schedule, or none where the choice is graphgen's default schedule
+    (:meth:`DatabaseInfo.keeps_default`); every record of the other workloads."""
     keep = {}
     for h in info.choices:
         key = info.chosen_key(h)
         if key is not None:
             keep[h] = key
+        elif info.keeps_default(h):
+            keep[h] = None  # no record: the build gives the kernel its default schedule
     if not keep:
         return info.record_bytes
     out = [text for text, (h, key, _) in zip(info.record_texts, info.lines) if keep.get(h, key) == key]
