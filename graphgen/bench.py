@@ -16,12 +16,12 @@ and the table says what the machine was doing (its load average) when they were 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

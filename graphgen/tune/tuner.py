@@ -492,14 +492,16 @@ def _kernel_workloads(fused) -> dict[str, str]:
             for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
-def _per_kernel(rows: list[tuple[str, float]]) -> dict[str, float]:
-    """Per kernel name (the layout suffix dropped, the VM's builtins left out): its calls' time summed."""
-    out: dict[str, float] = {}
+def _per_kernel(rows: list[tuple[str, float]]) -> dict[str, tuple[float, int]]:
+    """Per kernel name (the layout suffix dropped, the VM's builtins left out): its calls' time
+    summed, and how many calls."""
+    out: dict[str, tuple[float, int]] = {}
     for name, seconds in rows:
         if name.startswith("vm."):
             continue
         name = name[:-len(_PREPACKED)] if name.endswith(_PREPACKED) else name
-        out[name] = out.get(name, 0.0) + seconds
+        total, n = out.get(name, (0.0, 0))
+        out[name] = (total + seconds, n + 1)
     return out
 
 
@@ -530,28 +532,21 @@ def _confirm_in_model(onnx_model, spec, fused, opened, report) -> list[str]:
         compile_model(onnx_model, spec, libs["untuned"], database=None, default_schedules=True)
         compile_model(onnx_model, spec, libs["tuned"], database=opened.path, default_schedules=True)
         set_tvm_threads(pipeline.num_cores_for(spec))
-        rounds: dict[str, list[dict[str, float]]] = {"untuned": [], "tuned": []}
-        calls: dict[str, int] = {}
+        rounds: dict[str, list[dict[str, tuple[float, int]]]] = {"untuned": [], "tuned": []}
         for _ in range(IN_MODEL_ROUNDS):
             for label, lib in libs.items():
-                rows = kernel_times(lib, inputs, onnx_model, IN_MODEL_RUNS, warmup=3)
-                rounds[label].append(_per_kernel(rows))
-                if label == "untuned":
-                    calls = {}
-                    for name, _ in rows:
-                        base = name[:-len(_PREPACKED)] if name.endswith(_PREPACKED) else name
-                        calls[base] = calls.get(base, 0) + 1
+                rounds[label].append(_per_kernel(kernel_times(lib, inputs, onnx_model, IN_MODEL_RUNS, warmup=3)))
     finally:
         measure.clean(work)
     opened.refresh()
     choices = dict(opened.info.choices)
     slower = []
-    for name, n in calls.items():
+    for name, (_, n) in rounds["untuned"][-1].items():
         h = workloads.get(name)
         if h is None or not opened.info.record_count(h) or opened.info.keeps_default(h):
             continue  # not a tuned kernel, or its default already chosen
-        before = statistics.median(r.get(name, 0.0) for r in rounds["untuned"])
-        after = statistics.median(r.get(name, 0.0) for r in rounds["tuned"])
+        before = statistics.median(r.get(name, (0.0, 0))[0] for r in rounds["untuned"])
+        after = statistics.median(r.get(name, (0.0, 0))[0] for r in rounds["tuned"])
         if after > before * IN_MODEL_SLOWER and after - before > IN_MODEL_MIN_SECONDS * n:
             choices[h] = {"default": True, "records": opened.info.record_count(h),
                           "in_model_us": {"default": round(before * 1e6, 1), "tuned": round(after * 1e6, 1)}}
