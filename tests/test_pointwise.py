@@ -164,7 +164,8 @@ def _scheduled_pointwise(model, target_name="x86"):
     target = resolve_target(target_name).tvm_target()
     with target:
         mod = schedule_kernels(fuse(import_onnx(model), target), target)
-    return [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "pointwise" in gv.name_hint]
+    return [f for gv, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and ("pointwise" in gv.name_hint or "im2col" in gv.name_hint)]
 
 
 def _with_knobs(monkeypatch, choices: dict) -> None:
@@ -396,3 +397,53 @@ def test_positions_computed_apart_sum_in_independent_parts(c_in, parts, tmp_path
     kinds, c = _check(model, tmp_path)
     assert kinds == {"pointwise conv2d": 1}, kinds
     assert c.ok, c.summary()
+
+
+def test_a_prime_count_of_16_lane_vectors_is_padded_to_an_even_one_for_wide_reductions():
+    """AVX-512: a padded image whose count of 16-lane vectors is odd and no multiple of 3 (13x13:
+    176 positions = 11 vectors, 14x14: 13) leaves tiles of one vector only; with at least
+    ``WIDE_ROWS_MIN_CHANNELS`` input channels one vector more is padded. Not for 8 or 4 lanes
+    (every count of 8-lane vectors is even), fewer channels, or counts that split already."""
+    from graphgen.tune.conv_call import legalizing_for
+    from graphgen.tune.defaults import Isa
+
+    low = pointwise.WIDE_ROWS_MIN_CHANNELS - 1
+    with legalizing_for(Isa("avx512", 16, 32)):
+        assert pointwise.padded_positions(169, 512) == 192
+        assert pointwise.padded_positions(196, 128) == 224
+        assert pointwise.padded_positions(169, low) == 176
+        assert pointwise.padded_positions(225, 512) == 240  # 15 vectors: rows of 3
+        assert pointwise.padded_positions(16 * 7 * 7 - 3, 512) == 16 * 7 * 7 + 16  # 49 -> 50
+    for isa in (Isa("avx2", 8, 16), Isa("neon", 4, 32)):
+        with legalizing_for(isa):
+            assert pointwise.padded_positions(169, 512) == 176
+    assert pointwise.padded_positions(169, 512) == 176  # no target: the plain quantum
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("option", [0, 1, 2])
+def test_a_13x13_gemm_over_many_channels_takes_several_vector_tiles_and_matches_onnxruntime(
+        stride, option, tmp_path, monkeypatch):
+    """SqueezeNet's 512 -> 1000 classifier shape, smaller: 13x13 positions (and a strided 1x1
+    conv's 13x13 output) padded to 12 vectors on AVX-512, so the default tile is several vectors
+    (the classifier's 3 x 8 channels, was one vector x 20: 1.39 -> 1.17 ms); every leading tile against
+    onnxruntime."""
+    monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
+    h = 13 * stride if stride == 1 else 25
+    model = _model(c=pointwise.WIDE_ROWS_MIN_CHANNELS, k=144, h=h, stride=stride)  # more out than in: padded
+    if option == 0:
+        from graphgen.tune.defaults import Knobs
+
+        picked = {}
+        pick = Knobs.pick
+        monkeypatch.setattr(Knobs, "pick", lambda self, name, options: picked.setdefault(name, pick(self, name, options)))
+        (f,) = _scheduled_pointwise(model, "avx512")
+        monkeypatch.setattr(Knobs, "pick", pick)
+        text = f.script()
+        assert "T.int64(192)" in text and "T.int64(176)" not in text
+        assert picked["pointwise.tile"][0] > 1, picked  # (vectors, channels)
+    seen = every_knob_at(option, monkeypatch)
+    kinds, c = _check(model, tmp_path, "avx512")
+    assert kinds == {"pointwise conv2d (strided)" if stride == 2 else "pointwise conv2d": 1}, kinds
+    assert c.ok, c.summary()
+    assert seen.get("pointwise.tile", 0) > 2, seen

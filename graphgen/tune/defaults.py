@@ -791,6 +791,10 @@ def pointwise_orders(c_in: int, k_out: int, positions: int) -> list[str]:
     return orders
 
 
+#: vectors of positions a pointwise GEMM's register tile row may take
+POINTWISE_VECTORS = (1, 2, 3, 4)
+
+
 def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     """Default schedule of a pointwise (1x1) conv kernel, see :mod:`graphgen.tune.pointwise`:
     the GEMM in ``kb`` output channels x ``nv`` vectors of positions register tiles (weights
@@ -848,7 +852,7 @@ def schedule_pointwise(sch, gemm, isa, outputs, knobs: Knobs):
     #   "two"        the GEMM's rows written whole, then the crop and tail over them.
     whole_rows = _int(sch.get(ok_).extent) == k_out
     fused_tiles = _fused_pointwise_tiles(tiles(width), lanes) if not pads and not rest and whole_rows else []
-    gemm_tiles = tiles(p_pad, vectors=(1, 2, 3, 4))
+    gemm_tiles = tiles(p_pad, vectors=POINTWISE_VECTORS)
     padded = p_pad > _int(sch.get(oy).extent) * width
     passes = knobs.pick("pointwise.passes", (["rows"] if fused_tiles else [])
                         + ((["two", "write-back"] if padded else ["write-back", "two"]) if gemm_tiles and not rest

@@ -63,6 +63,37 @@ def computes_rest_apart(c_in: int, k_out: int, positions: int) -> bool:
     return padded == positions or padded - positions > positions * SPLIT_MIN_WASTE or c_in > k_out
 
 
+#: AVX-512: input channels from which a padded image's positions are padded further, to a
+#: count of 16-lane vectors that splits into rows of 2 or 3 (see :func:`padded_positions`)
+WIDE_ROWS_MIN_CHANNELS = 128
+
+
+def padded_positions(positions: int, c_in: int) -> int:
+    """The padded GEMM's position count: a multiple of :data:`P_QUANTUM`, and on AVX-512 (16
+    lanes, one vector per quantum) one vector more where the count of vectors is odd and no
+    multiple of 3 (13x13: 11 vectors -> 12, 14x14: 13 -> 14) and the conv has at least
+    :data:`WIDE_ROWS_MIN_CHANNELS` input channels. A prime count of vectors leaves the register
+    tile one vector of positions x ``kb`` channels: ``kb`` weight broadcasts and one input
+    vector loaded per ``kb`` FMAs, each weight read once per 16 positions, which holds where
+    the reduction's weights and input column stay in L1 but not past it. Measured (Xeon,
+    AVX-512, one thread, conv + bias + ReLU, 1 x 20 or 24 tiles -> 3 x 8 over the extra
+    vector; onnxruntime), ms: 512 -> 1000 at 13x13 1.39 -> 1.17 (1.18-1.24), 512 -> 512
+    0.673 -> 0.566 (0.574), 384 -> 768 0.743 -> 0.652 (0.663), 1024 -> 1024 2.75 -> 2.52
+    (2.19), 256 -> 1000 0.607 -> 0.574; at 14x14 232 -> 232 0.154 -> 0.141, 128 -> 512 0.183
+    -> 0.174, 256 -> 1024 0.692 -> 0.673; below the bound the same or slower: 116 -> 116 at
+    14x14 0.039 -> 0.038, 64 -> 256 at 13x13 0.036 -> 0.036-0.039, 96 -> 576 at 14x14 0.154
+    -> 0.157-0.162."""
+    from graphgen.tune.conv_call import legalize_lanes
+
+    p_pad = -(-positions // P_QUANTUM) * P_QUANTUM
+    lanes = legalize_lanes() or 0
+    if lanes == P_QUANTUM and c_in >= WIDE_ROWS_MIN_CHANNELS:
+        vectors = p_pad // lanes
+        if vectors > 1 and vectors % 2 and vectors % 3:
+            p_pad += lanes
+    return p_pad
+
+
 def pointwise_conv2d_te(data, weight, k_out: int):
     """``data`` NCHW, ``weight`` [K_pad, C] (rows past ``k_out`` zero, see :func:`pad_rows`)
     -> NCHW with ``k_out`` channels."""
@@ -70,7 +101,7 @@ def pointwise_conv2d_te(data, weight, k_out: int):
 
     n_b, c_in, h, w = (int(x) for x in data.shape)
     p_real = h * w
-    p_pad = -(-p_real // P_QUANTUM) * P_QUANTUM
+    p_pad = padded_positions(p_real, c_in)
     if computes_rest_apart(c_in, k_out, p_real):
         # whole vectors, or a 7x7 image (49 positions: 48 + 1 apart rather than 64), or more
         # input channels than output channels
@@ -138,12 +169,12 @@ def rest_partial_sums(c_in: int) -> int:
     return next(p for p in (REST_PARTS, 2, 1) if c_in % p == 0)
 
 
-def _strided_positions(h: int, w: int, strides, pads) -> tuple[int, int, int]:
+def _strided_positions(h: int, w: int, strides, pads, c_in: int) -> tuple[int, int, int]:
     """(output height, output width, padded position count) of a strided 1x1 conv."""
     (sh, sw), (pt, pl, pb, pr) = strides, pads
     out_h = (h + pt + pb - 1) // sh + 1
     out_w = (w + pl + pr - 1) // sw + 1
-    return out_h, out_w, -(-(out_h * out_w) // P_QUANTUM) * P_QUANTUM
+    return out_h, out_w, padded_positions(out_h * out_w, c_in)
 
 
 def strided_conv2d_te(data, weight, k_out: int, strides, pads):
@@ -154,7 +185,7 @@ def strided_conv2d_te(data, weight, k_out: int, strides, pads):
 
     n_b, c_in, h, w = (int(x) for x in data.shape)
     (sh, sw), (pt, pl, _, _) = strides, pads
-    out_h, out_w, p_pad = _strided_positions(h, w, strides, pads)
+    out_h, out_w, p_pad = _strided_positions(h, w, strides, pads, c_in)
     p_real = out_h * out_w
     zero = tirx.const(0.0, data.dtype)
 
@@ -191,7 +222,7 @@ def _strided_facts(call):
     if conv is None or conv.strides == (1, 1):
         return None
     n_b, c_in, h, w = conv.data_shape
-    out_h, out_w, p_pad = _strided_positions(h, w, conv.strides, conv.pads)
+    out_h, out_w, p_pad = _strided_positions(h, w, conv.strides, conv.pads, c_in)
     if out_h * out_w < P_QUANTUM or n_b * c_in * p_pad * 4 > IM2COL_MAX_BYTES:
         return None
     return conv.weight.reshape(conv.weight.shape[0], c_in), conv.strides, conv.pads
