@@ -73,8 +73,12 @@ def test_without_the_pass_tvm_allocates_a_kilobyte_from_its_workspace_pool():
 
 
 def test_the_pass_can_be_turned_off(monkeypatch):
+    # the weights' prefetch (graphgen.tune.prefetch_weights) shares the pipeline
     monkeypatch.setenv("GRAPHGEN_STACK_TILES", "0")
+    monkeypatch.setenv("GRAPHGEN_PREFETCH", "0")
     assert stack_tiles.register() == "default"
+    monkeypatch.delenv("GRAPHGEN_PREFETCH")
+    assert stack_tiles.register() == stack_tiles.PIPELINE + "_no_stack"
     monkeypatch.delenv("GRAPHGEN_STACK_TILES")
     assert stack_tiles.register() == stack_tiles.PIPELINE
 

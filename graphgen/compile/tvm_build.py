@@ -127,7 +127,8 @@ def compile_model(model: onnx.ModelProto, spec: TargetSpec, out_path: str | Path
             if spec.arch != "cuda":
                 info["schedules"] = {"pipeline": "tvm-default", "database": None, "isa": None,
                                      "default_schedules": False, "layout_rewrite": False, "winograd": "off",
-                                     "pointwise": False, "concat_in_place": False, "stack_tiles": False}
+                                     "pointwise": False, "concat_in_place": False, "stack_tiles": False,
+                                     "prefetch_weights": False}
     except UserError:
         raise
     except Exception as e:

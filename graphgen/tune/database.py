@@ -100,8 +100,9 @@ def _code_fingerprint(source: str) -> str:
 
 
 def schedules_fingerprint() -> str:
-    """What graphgen's default schedules are (:mod:`graphgen.tune.defaults`, its code, and
-    :mod:`graphgen.tune.stack_tiles`, where their register tiles live).
+    """What graphgen's default schedules are (:mod:`graphgen.tune.defaults`, its code,
+    :mod:`graphgen.tune.stack_tiles`, where their register tiles live, and
+    :mod:`graphgen.tune.prefetch_weights`, which changes how fast a kernel streams its weights).
 
     A record's trace replays the schedule decisions of the graphgen that measured it: the
     default schedule and the knob settings of that time. After the defaults change (a better
@@ -109,12 +110,12 @@ def schedules_fingerprint() -> str:
     against defaults that no longer exist, and keep the old decisions; so a database belongs to
     one version of the defaults, like one TVM version.
     """
-    from graphgen.tune import defaults, stack_tiles
+    from graphgen.tune import defaults, prefetch_weights, stack_tiles
 
     # the defaults' code and how their register tiles are allocated (stack_tiles: a tile's time
-    # changes with it, and so would the tuner's choice between tiles)
+    # changes with it, and so would the tuner's choice between tiles), and the weights' prefetch
     try:
-        prints = [_code_fingerprint(Path(m.__file__).read_text()) for m in (defaults, stack_tiles)]
+        prints = [_code_fingerprint(Path(m.__file__).read_text()) for m in (defaults, stack_tiles, prefetch_weights)]
     except (OSError, SyntaxError, UnicodeDecodeError):  # no source to read: the check cannot
         return "unknown"  # tell, and passes
     return hashlib.sha256(" ".join(prints).encode()).hexdigest()[:12]

@@ -313,7 +313,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     import tvm
 
     from graphgen.tune import database as dbm
-    from graphgen.tune import stack_tiles
+    from graphgen.tune import prefetch_weights, stack_tiles
     from graphgen.tune.defaults import isa_of
     from graphgen.tune.winograd import resolve_mode
 
@@ -371,7 +371,9 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                          "winograd": winograd if pipeline == "graphgen" else "off",
                          "pointwise": pointwise and pipeline == "graphgen",
                          "concat_in_place": concat_in_place and pipeline == "graphgen",
-                         "stack_tiles": stack_tiles.enabled() and pipeline == "graphgen"}
+                         "stack_tiles": stack_tiles.enabled() and pipeline == "graphgen",
+                         "prefetch_weights": prefetch_weights.enabled() and pipeline == "graphgen"
+                         and prefetch_weights.applies_to(target)}
     if opened is not None:
         info["schedules"]["database_records"] = opened.info.records
         # kernels whose record the tuner chose by timing its fastest schedules again (chosen.json)

@@ -120,21 +120,26 @@ def enabled() -> bool:
 
 def register() -> str:
     """Register (once) the TIR pipeline graphgen's CPU builds compile with: TVM's default one,
-    with :func:`StackTiles` before the host finalization; returns its name for
-    ``tvm.compile(..., tir_pipeline=)`` ("default", TVM's, where not :func:`enabled`)."""
+    with :func:`StackTiles` (and :func:`graphgen.tune.prefetch_weights.PrefetchWeights`, where
+    enabled) before the host finalization; returns its name for
+    ``tvm.compile(..., tir_pipeline=)`` ("default", TVM's, where neither is enabled)."""
     from tvm.tirx import compilation_pipeline as cp
 
-    if not enabled():
-        return "default"
+    from graphgen.tune import prefetch_weights
 
-    if PIPELINE not in cp.PIPELINE_MAP:
+    passes = ([prefetch_weights.PrefetchWeights] if prefetch_weights.enabled() else []) + \
+        ([StackTiles] if enabled() else [])
+    if not passes:
+        return "default"
+    name = PIPELINE + ("" if prefetch_weights.enabled() else "_no_prefetch") + ("" if enabled() else "_no_stack")
+    if name not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             pipeline, finalize_host, finalize_device = cp.get_tir_pipeline("s_tir", **kwargs)
 
             def host_passes():
-                return tvm.ir.transform.Sequential([StackTiles, finalize_host()])
+                return tvm.ir.transform.Sequential([*passes, finalize_host()])
 
             return pipeline, host_passes, finalize_device
 
-        cp.register_tir_pipeline(PIPELINE, factory)
-    return PIPELINE
+        cp.register_tir_pipeline(name, factory)
+    return name
