@@ -429,7 +429,7 @@ def test_a_13x13_gemm_over_many_channels_takes_several_vector_tiles_and_matches_
     (the classifier's 3 x 8 channels, was one vector x 20: 1.39 -> 1.17 ms); every leading tile against
     onnxruntime."""
     monkeypatch.delenv("GRAPHGEN_POINTWISE", raising=False)
-    h = 13 * stride if stride == 1 else 25
+    h = 13 if stride == 1 else 25  # a 13x13 output either way
     model = _model(c=pointwise.WIDE_ROWS_MIN_CHANNELS, k=144, h=h, stride=stride)  # more out than in: padded
     if option == 0:
         from graphgen.tune.defaults import Knobs

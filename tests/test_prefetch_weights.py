@@ -13,7 +13,7 @@ from graphgen.tune import prefetch_weights as pw
 TOL = 1e-5
 
 
-def _gemm(n_weights: int, triple: str | None = None, name: str = "param_0", lanes: int = 1):
+def _gemm(n_weights: int, triple: str | None = None, lanes: int = 1):
     """out[i] += x[k] * w[i * 256 + k]: an innermost reduction loop reading weights ``lanes`` at a
     time (``lanes`` > 1: vector loads, 16 outputs of a row at once)."""
     target = {"kind": "llvm"} if triple is None else {"kind": "llvm", "mtriple": triple}
@@ -35,18 +35,19 @@ def _gemm(n_weights: int, triple: str | None = None, name: str = "param_0", lane
                     T.Ramp(k * lanes * 2, 1, lanes)]
                 out[T.Ramp(lanes, 1, lanes)] = out[T.Ramp(lanes, 1, lanes)] + T.Broadcast(x[k], lanes) * w[
                     T.Ramp(k * lanes * 2 + lanes, 1, lanes)]
-    # the weights are a kernel's constant argument: its buffer is named param_*
-    return gemm.with_attr("global_symbol", "gemm"), name
+    return gemm.with_attr("global_symbol", "gemm")
 
 
 def _apply(func, name: str = "param_0"):
+    """The pass on ``func`` with its weight buffer named ``name`` (a kernel's constant argument
+    is named param_*)."""
     text = func.script().replace("w: T.Buffer", f"{name}: T.Buffer").replace("w[", f"{name}[")
     func = tvm.script.from_source(text)
     return pw.PrefetchWeights(tvm.IRModule({"gemm": func}))["gemm"]
 
 
 def test_an_innermost_loop_over_large_weights_prefetches_them_a_few_kb_ahead():
-    f = _apply(_gemm(65536)[0])
+    f = _apply(_gemm(65536))
     text = f.script()
     ahead = pw.AHEAD_BYTES // 4
     assert text.count("llvm.prefetch") == 1, text
@@ -58,7 +59,7 @@ def test_an_innermost_loop_over_large_weights_prefetches_them_a_few_kb_ahead():
 
 def test_one_prefetch_per_cache_line_a_step_reads():
     """Two 16-lane weight vectors a step are 128 bytes: two lines, two prefetches 64 bytes apart."""
-    f = _apply(_gemm(65536, lanes=16)[0])
+    f = _apply(_gemm(65536, lanes=16))
     text = f.script()
     ahead = pw.AHEAD_BYTES // 4
     assert text.count("llvm.prefetch") == 2, text
@@ -69,8 +70,7 @@ def test_one_prefetch_per_cache_line_a_step_reads():
 def test_small_weights_activations_and_arm_targets_are_left_alone(case):
     n = pw.MIN_WEIGHT_BYTES // 4 - 1 if case == "small weights" else 65536
     triple = {"aarch64": "aarch64-linux-gnu", "armv7": "armv7a-linux-gnueabihf"}.get(case)
-    func, _ = _gemm(n, triple)
-    f = _apply(func, "lv3" if case == "activation" else "param_0")
+    f = _apply(_gemm(n, triple), "lv3" if case == "activation" else "param_0")
     assert "llvm.prefetch" not in f.script()
     assert "graphgen_weight_prefetches" not in (f.attrs or {})
 
@@ -120,7 +120,7 @@ def test_arm_builds_do_not_prefetch(tmp_path, monkeypatch):
     assert counted == []
 
 
-def test_winograd_and_dense_kernels_prefetch_too(tmp_path, monkeypatch):
+def test_winograd_kernels_prefetch_too(tmp_path, monkeypatch):
     """Not only the pointwise GEMMs: a Winograd conv's transformed weights (64 -> 64 3x3: 144 KB)
     are streamed the same way; the build still matches onnxruntime."""
     monkeypatch.delenv("GRAPHGEN_PREFETCH", raising=False)

@@ -31,6 +31,8 @@ import os
 
 import tvm
 
+from graphgen.tune.stack_tiles import _const_bytes
+
 #: how far ahead of the loop's first weight read the prefetch reaches (bytes)
 AHEAD_BYTES = 8192
 #: weight buffers smaller than this are left alone (they stay in the caches between runs)
@@ -59,13 +61,8 @@ def _is_load(node) -> bool:
     return type(node).__name__ in ("BufferLoad", "TensorLoad")
 
 
-def _elements(buffer) -> int | None:
-    n = 1
-    for extent in buffer.shape:
-        if not isinstance(extent, tvm.tirx.IntImm):
-            return None
-        n *= int(extent)
-    return n
+def _element_bytes(buffer) -> int:
+    return tvm.DataType(str(buffer.dtype)).bits // 8
 
 
 def _weight_loads(node, out: list) -> list:
@@ -73,10 +70,8 @@ def _weight_loads(node, out: list) -> list:
     if node is None:
         return out
     if _is_load(node):
-        buf = node.source
-        size = _elements(buf)
-        if (str(buf.name).startswith(WEIGHT_PREFIX) and size is not None
-                and size * tvm.DataType(str(buf.dtype)).bits // 8 >= MIN_WEIGHT_BYTES):
+        nbytes = _const_bytes(node.source)
+        if str(node.source.name).startswith(WEIGHT_PREFIX) and nbytes is not None and nbytes >= MIN_WEIGHT_BYTES:
             out.append(node)
     for field in _FIELDS:
         try:
@@ -116,11 +111,10 @@ def _prefetches(body):
         for ld in _weight_loads(body, []):
             if _flat_index(ld) is not None:
                 lanes = ld.indices[0].lanes if isinstance(ld.indices[0], tvm.tirx.Ramp) else 1
-                reads[(str(ld.source.name), ld.indices[0].script())] = int(lanes) * tvm.DataType(
-                    str(ld.source.dtype)).bits // 8
+                reads[(str(ld.source.name), ld.indices[0].script())] = int(lanes) * _element_bytes(ld.source)
         lines = max(1, -(-sum(reads.values()) // LINE_BYTES))
         base = _flat_index(first)
-        elem = tvm.DataType(str(first.source.dtype)).bits // 8
+        elem = _element_bytes(first.source)
         index_type = _dtype(base)
         pf = []
         for line in range(lines):
