@@ -1,6 +1,6 @@
 """Per-kernel time of a graphgen library in the model, next to onnxruntime's per-node time.
 
-    python benchmarks/profile_kernels.py mobilenet_v2 [--threads 1] [--runs 50] [--top 25] [--db DIR]
+    python benchmarks/profile_kernels.py mobilenet_v2 [--threads 1] [--runs 50] [--top 25] [--tuned | --db DIR]
     python benchmarks/profile_kernels.py mobilenet_v2 --side-by-side
 
 graphgen: TVM's VM runs the library with an instrument hook that takes the time around each
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--db", help="a tuning database to build with (default: none, the untuned library)")
+    ap.add_argument("--tuned", action="store_true", help="build with the database tuned at --threads")
     ap.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     ap.add_argument("--side-by-side", action="store_true",
                     help="one row per layer in run order, graphgen next to onnxruntime, with the difference")
@@ -101,10 +102,15 @@ def main(argv=None) -> int:
     from graphgen.compile import compile_model, resolve_target
     from graphgen.errors import UserError
     from graphgen.optimize import optimize
+    from graphgen.tune import database_for
     from graphgen.verify import random_inputs
 
     try:
-        spec = resolve_target(args.target)
+        # the thread count is part of the target: a database tuned at it matches
+        spec = resolve_target(args.target, threads=args.threads)
+        db = database_for(spec, args.db) if args.db or args.tuned else None
+        if db is not None and not db.exists():
+            raise UserError(f"no tuning database at {db}")
         src = load_model(args.model, input_size=tuple(args.input_size) if args.input_size else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
     set_tvm_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="graphgen-profile-") as tmp:
         lib = Path(tmp) / "model.so"
-        compile_model(opt, spec, lib, database=Path(args.db) if args.db else None, default_schedules=True)
+        compile_model(opt, spec, lib, database=db, default_schedules=True)
         tvm_rows = profile_tvm(lib, inputs, opt, args.runs)
     ort_rows = profile_ort(opt, inputs, args.threads, args.runs)
     if args.side_by_side:

@@ -30,6 +30,13 @@ def _ms(res: dict, runtime: str) -> float | None:
     return row["median_ms"] if row else None
 
 
+def _threads_cell(res: dict) -> str:
+    """The row's thread count, and the count its tuning database was tuned at where that differs
+    (bench falls back to the default count's database when none was tuned at the row's)."""
+    tuned_at = (res.get("database") or {}).get("threads")
+    return f"{res['threads']}" + (f" (tuned at {tuned_at})" if tuned_at and tuned_at != res["threads"] else "")
+
+
 def markdown(results: list[dict], seconds: float) -> str:
     if not results:
         return "(no results)"
@@ -41,8 +48,7 @@ def markdown(results: list[dict], seconds: float) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         g, t, o, v = (_ms(r, k) for k in ("graphgen", "graphgen tuned", "onnxruntime", "openvino"))
-        cells = [r["model"], "x".join(map(str, r["input_size"] or [])), str(r["threads"]),
-                 f"{g:.2f}" if g else "n/a"]
+        cells = [r["model"], "x".join(map(str, r["input_size"] or [])), _threads_cell(r), f"{g:.2f}" if g else "n/a"]
         if tuned:
             cells.append(f"{t:.2f}" if t else "n/a")
         cells.append(f"{o:.2f}" if o else "n/a")
@@ -83,7 +89,8 @@ def markdown(results: list[dict], seconds: float) -> str:
                   "GFLOP/s, counted on the direct convolution's multiply-adds, can exceed it). \"0.8x ORT needs\": "
                   "the share of that ceiling a runtime must average over the whole model to take 0.8x "
                   "onnxruntime's time without doing fewer multiply-adds.", ""]
-    lines += ["Reproduce: `python benchmarks/zoo.py --threads 1,2` (add `--tuned` after `graphgen tune MODEL`)."]
+    lines += ["Reproduce: `python benchmarks/zoo.py --threads 1,2` (add `--tuned` after `graphgen tune MODEL "
+              "--threads N` for each count N)."]
     return "\n".join(lines)
 
 

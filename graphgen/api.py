@@ -155,7 +155,7 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, options: dict | None = None,
           progress=_quiet, verify: str = "host", rpc: str | None = None, rpc_tracker: str | None = None,
           rpc_key: str | None = None, tune: bool = False, trials: int | None = None, minutes: float | None = None,
-          db: str | Path | None = None) -> BuildResult:
+          db: str | Path | None = None, threads: int | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into ``compiled/<model>-<target>/`` (or ``out``).
 
     Steps: recipe/ONNX -> optimizer (each pass checked on onnxruntime) -> TVM compile -> verify
@@ -163,6 +163,9 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
     BuildError/VerificationError when the build or its check fails (nothing published).
     CPU targets use the target's tuning database when one exists (``db`` names another);
     ``tune`` tunes first (``trials``/``minutes``; boards through ``rpc_tracker``/``rpc_key``).
+    ``threads``: the thread count the library is made for (CPU targets; default the host's
+    physical cores, 4 for boards): tuning measures at it, and the database used is the one
+    tuned at it (:func:`graphgen.compile.resolve_target`).
     """
     from graphgen.compile import compile_model, resolve_target
     from graphgen.optimize import optimize
@@ -170,11 +173,15 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
     import tvm
 
     t_start = time.perf_counter()
-    spec = resolve_target(target, cpu=cpu, arch=arch)
+    spec = resolve_target(target, cpu=cpu, arch=arch, threads=threads)
     from graphgen.emulate import check_mode
     from graphgen.tune.winograd import resolve_mode
 
     resolve_mode()  # a bad GRAPHGEN_WINOGRAD is a user error before any work
+    if db is not None and spec.arch != "cuda":
+        from graphgen.tune import database_for
+
+        database_for(spec, db)  # one tuned at another thread count, too
 
     # verify: "host" (run here if the target is this host, else ELF checks), "emulate" (qemu, arm/armv7),
     # "rpc" (a board running tvm.exec.rpc_server: rpc="HOST:PORT" or rpc_tracker + rpc_key); see graphgen.emulate

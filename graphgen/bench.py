@@ -230,10 +230,10 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
     from graphgen.verify import DEFAULT_TOLERANCE, compare, random_inputs, run_onnxruntime
 
     say = progress or (lambda msg: None)
-    spec = resolve_target(target, cpu=cpu)
+    spec = resolve_target(target, cpu=cpu, threads=threads)
     if not spec.host_runnable or spec.arch == "cuda":
         raise UserError(f"bench runs on this host: {spec.name} code does not run here")
-    threads = threads or num_cores_for(spec)
+    threads = num_cores_for(spec)
     host = host_description()
     src = load_model(model, input_size=input_size, num_classes=num_classes, options=options)
     opt = optimize(src.model).model
@@ -243,23 +243,21 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
     macs = _macs(opt)
     result = {"model": src.name, "target": spec.name, "input_size": src.meta.get("input_size"), "threads": threads,
               "host": host, "macs": macs, "tvm_version": tvm.__version__, "runtimes": [], "checks": {}}
-    db_path = None
+    db_path, db_spec = None, spec
     if tuned:
-        db_path = database_for(spec, db)
-        if not db_path.exists():
-            raise UserError(f"--tuned: no tuning database at {db_path}; run `graphgen tune {model} --target "
-                            f"{spec.name}` first")
+        db_path, db_spec = _tuned_database(spec, db, model, say)
+        result["database"] = {"path": str(db_path), "threads": num_cores_for(db_spec)}
     set_tvm_threads(threads)
     runners: list[tuple[str, str, object]] = []
     with tempfile.TemporaryDirectory(prefix="graphgen-bench-") as tmp:
         onnx_path = save_onnx(opt, Path(tmp) / "model.onnx")
-        builds = [("graphgen", None)] + ([("graphgen tuned", db_path)] if tuned else [])
-        for label, database in builds:
+        builds = [("graphgen", None, spec)] + ([("graphgen tuned", db_path, db_spec)] if tuned else [])
+        for label, database, build_spec in builds:
             say(f"compiling {label} library for {spec.name}")
             lib = Path(tmp) / f"{label.replace(' ', '_')}.so"
             # graphgen's default schedules on whatever the environment says: the untuned row is
             # what a default build ships
-            info = compile_model(opt, spec, lib, database=database, log=say, default_schedules=True)
+            info = compile_model(opt, build_spec, lib, database=database, log=say, default_schedules=True)
             got = run_library(lib, spec, opt, inputs)
             c = compare(got, expected, out_names, DEFAULT_TOLERANCE)
             result["checks"][label] = {"ok": c.ok, "summary": c.summary(), "schedules": info.get("schedules")}
@@ -314,6 +312,29 @@ def bench(model: str, target: str | dict = "x86", *, cpu: str | None = None, tun
     result["host"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") \
         else None
     return result
+
+
+def _tuned_database(spec, db, model: str, say):
+    """The tuning database a ``--tuned`` row is built with, and the target spec it was tuned for:
+    ``db`` when given; else the one tuned at the row's thread count; else, when none was tuned
+    at that count, the one tuned at the default count (said, and recorded in the result: its
+    schedules were chosen by timings at another thread count)."""
+    from graphgen.compile.targets import at_default_threads, threads_text
+    from graphgen.tune import database_for
+    from graphgen.tune.pipeline import num_cores_for
+
+    path = database_for(spec, db)
+    if path.exists():
+        return path, spec
+    default_spec = at_default_threads(spec)
+    fallback = database_for(default_spec)
+    if db is None and default_spec.tvm_json != spec.tvm_json and fallback.exists():
+        say(f"no tuning database tuned at {threads_text(num_cores_for(spec))} ({path.name}); using the one tuned "
+            f"at {threads_text(num_cores_for(default_spec))} ({fallback.name})")
+        return fallback, default_spec
+    threads = spec.details.get("threads")
+    raise UserError(f"--tuned: no tuning database at {path}; run `graphgen tune {model} --target {spec.name}"
+                    + (f" --threads {threads}" if threads else "") + "` first")
 
 
 def sgemm_ceiling(threads: int, n: int = 1024, seconds: float = 1.0) -> float:

@@ -125,7 +125,7 @@ def _cmd_build(args) -> int:
                     tolerance=args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
                     progress=api._stderr, verify=args.verify or "host", rpc=args.rpc, rpc_tracker=args.rpc_tracker,
                     rpc_key=args.rpc_key, options=_recipe_options(args), tune=args.tune, trials=args.trials,
-                    minutes=args.minutes, db=args.db)
+                    minutes=args.minutes, db=args.db, threads=args.threads)
     if args.json:
         print(json.dumps(res.manifest, indent=2, default=str))
     else:

@@ -11,6 +11,39 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("GRAPHGEN_TUNE_IN_MODEL", "0")
 
 
+def tiny_model():
+    """The tuning tests' model, five or six kernels: conv3x3+bias+relu, max pool,
+    conv1x1+bias+relu, global mean, (reshape), dense+bias."""
+    from graphgen.builder import GraphBuilder
+
+    b = GraphBuilder("tiny")
+    x = b.input("input", (1, 3, 16, 16))
+    x = b.relu(b.conv(x, 8, 3, padding=1, name="c1"))
+    x = b.max_pool(x, 2, 2)
+    x = b.relu(b.conv(x, 16, 1, name="c2"))
+    x = b.linear(b.flatten(b.global_avg_pool(x)), 10, name="fc")
+    b.output(x, "out")
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    import onnx
+
+    from graphgen.optimize import optimize
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    onnx.save(optimize(tiny_model()).model, str(path))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private user cache: the default tuning database of every test is in tmp."""
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder so default compiled/ output lands in tmp."""

@@ -21,37 +21,6 @@ from graphgen.tune.scheduler import Plan, TaskState
 from graphgen.verify import compare, random_inputs, run_onnxruntime
 
 
-def tiny_model():
-    """Five or six kernels: conv3x3+bias+relu, max pool, conv1x1+bias+relu, global mean, (reshape),
-    dense+bias."""
-    b = GraphBuilder("tiny")
-    x = b.input("input", (1, 3, 16, 16))
-    x = b.relu(b.conv(x, 8, 3, padding=1, name="c1"))
-    x = b.max_pool(x, 2, 2)
-    x = b.relu(b.conv(x, 16, 1, name="c2"))
-    x = b.linear(b.flatten(b.global_avg_pool(x)), 10, name="fc")
-    b.output(x, "out")
-    return b.build()
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory):
-    import onnx
-
-    from graphgen.optimize import optimize
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
-    onnx.save(optimize(tiny_model()).model, str(path))
-    return path
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private user cache: the default database location of every test is in tmp."""
-    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 # -- the plan ---------------------------------------------------------------------------------
 
 def _tasks(n, flop=1e6, weight=1.0):

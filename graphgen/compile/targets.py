@@ -96,8 +96,42 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def resolve_target(target: str | dict, cpu: str | None = None, arch: str | None = None) -> TargetSpec:
-    """Turn a target name (see :data:`TARGETS`), a JSON string/dict or a .json path into a TargetSpec."""
+def resolve_target(target: str | dict, cpu: str | None = None, arch: str | None = None,
+                   threads: int | None = None) -> TargetSpec:
+    """Turn a target name (see :data:`TARGETS`), a JSON string/dict or a .json path into a TargetSpec.
+
+    ``threads``: the thread count the library is made for, written into the target JSON as
+    TVM's ``num-cores`` (CPU targets only). Tuning measures at that count and the tuning
+    database is kept per count (:mod:`graphgen.tune.database`): a kernel's best schedule on one
+    thread is not its best on two (measured, ShuffleNetV2's 116 -> 116 conv at 14x14, tuned at
+    two threads and run at one: 913 -> 1076 us). Default: the host's physical cores for host
+    targets, 4 for boards (:func:`graphgen.tune.pipeline.num_cores_for`).
+    """
+    spec = _resolve(target, cpu, arch)
+    if threads is None:
+        return spec
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"--threads must be a whole number of at least 1, not {threads!r}")
+    if spec.arch == "cuda":
+        raise UserError("--threads applies to CPU targets; the cuda target runs on the GPU")
+    return TargetSpec(spec.name, {**spec.tvm_json, "num-cores": threads}, spec.arch, spec.host_runnable,
+                      {**spec.details, "threads": threads})
+
+
+def threads_text(n: int) -> str:
+    """"1 thread", "2 threads"."""
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def at_default_threads(spec: TargetSpec) -> TargetSpec:
+    """``spec`` without the thread count :func:`resolve_target` gave it (the default count)."""
+    if "threads" not in spec.details:
+        return spec
+    return TargetSpec(spec.name, {k: v for k, v in spec.tvm_json.items() if k != "num-cores"}, spec.arch,
+                      spec.host_runnable, {k: v for k, v in spec.details.items() if k != "threads"})
+
+
+def _resolve(target: str | dict, cpu: str | None, arch: str | None) -> TargetSpec:
     if isinstance(target, dict):
         return _from_json(target)
     text = str(target).strip()

@@ -20,27 +20,44 @@ __all__ = ["TuneResult", "build_database", "cache_dir", "database_for", "default
 
 
 def database_for(spec, db: str | Path | None = None) -> Path:
-    """Where the tuning database of ``spec`` lives (``db`` when given)."""
-    from graphgen.tune.pipeline import tuning_target_json
+    """Where the tuning database of ``spec`` lives (``db`` when given).
 
-    return Path(db).expanduser() if db is not None else default_db_path(spec.name, tuning_target_json(spec))
+    A ``db`` tuned at another thread count than ``spec``'s is refused with a UserError naming
+    both counts: its target would not match, and the database would be set aside as foreign.
+    """
+    from graphgen.compile.targets import threads_text
+    from graphgen.errors import UserError
+    from graphgen.tune.database import tuned_threads
+    from graphgen.tune.pipeline import num_cores_for, tuning_target_json
+
+    if db is None:
+        return default_db_path(spec.name, tuning_target_json(spec))
+    path = Path(db).expanduser()
+    theirs, ours = tuned_threads(path), num_cores_for(spec)
+    if theirs is not None and theirs != ours:
+        raise UserError(f"--db {db} was tuned at {threads_text(theirs)}, this build is for {ours}; "
+                        f"pass --threads {theirs}, or tune at {ours} into another folder")
+    return path
 
 
 def tune(model: str, target: str | dict = "x86", *, cpu: str | None = None, trials: int | None = None,
          minutes: float | None = None, db: str | Path | None = None, rpc_tracker: str | None = None,
          rpc_key: str | None = None, input_size=None, num_classes: int | None = None, options: dict | None = None,
-         progress: bool = False, report=None, batch: int | None = None, seed: int = 0) -> TuneResult:
+         progress: bool = False, report=None, batch: int | None = None, seed: int = 0,
+         threads: int | None = None) -> TuneResult:
     """Tune ``model`` (a recipe name or an .onnx path) for ``target``; see :func:`tune_onnx`.
 
     The model is optimized exactly as ``graphgen build`` optimizes it, so the kernels tuned
-    here are the kernels the build compiles.
+    here are the kernels the build compiles. ``threads``: the count candidates are timed at
+    and whose database they go into (default: the host's physical cores, 4 for boards); a
+    build with the same ``threads`` uses it.
     """
     from graphgen.api import load_model
     from graphgen.compile import resolve_target
     from graphgen.optimize import optimize
     from graphgen.tune.tuner import DEFAULT_BATCH
 
-    spec = resolve_target(target, cpu=cpu)
+    spec = resolve_target(target, cpu=cpu, threads=threads)
     src = load_model(model, input_size=input_size, num_classes=num_classes, options=options)
     opt = optimize(src.model)
     return tune_onnx(opt.model, spec, trials=trials, minutes=minutes, db=db, rpc_tracker=rpc_tracker,

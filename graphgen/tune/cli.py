@@ -23,11 +23,19 @@ def winograd_option(p: argparse.ArgumentParser) -> None:
                         "also GRAPHGEN_WINOGRAD")
 
 
+def threads_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--threads", type=int, metavar="N", default=None,
+                   help=f"{what} (CPU targets; default: this host's physical cores, 4 for boards). Tuning measures "
+                        "at N threads and the tuning database is kept per N: the best schedule on one thread is "
+                        "not the best on two")
+
+
 def add_build_options(p: argparse.ArgumentParser) -> None:
-    """--tune, --trials, --minutes, --db, --winograd on ``graphgen build``."""
+    """--tune, --trials, --minutes, --db, --threads, --winograd on ``graphgen build``."""
     p.add_argument("--tune", action="store_true",
                    help="tune the kernels with MetaSchedule before compiling (boards: --rpc-tracker/--rpc-key)")
     _budget_options(p)
+    threads_option(p, "threads the library is made to run on: the tuning database of that count is used")
     winograd_option(p)
 
 
@@ -42,6 +50,7 @@ def add_subcommands(sub, add_model_options) -> dict:
     _budget_options(t)
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered at this TVM RPC tracker")
     t.add_argument("--rpc-key", metavar="KEY", help="the boards' device key at the tracker")
+    threads_option(t, "threads the candidates are timed on (the thread count the library will run on)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     winograd_option(t)
 
@@ -55,7 +64,9 @@ def add_subcommands(sub, add_model_options) -> dict:
     b.add_argument("--db", metavar="DIR", help="tuning database folder for --tuned (default: the target's)")
     b.add_argument("--runs", type=int, default=None, help="timed runs per runtime (default: about 2 s worth)")
     b.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
-    b.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: physical cores)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads for every runtime (default: physical cores); --tuned uses the database tuned at "
+                        "this count (graphgen tune --threads N), else the one tuned at the default count")
     b.add_argument("--png", metavar="FILE", help="write the plot here (default bench-<model>-<target>.png)")
     b.add_argument("--no-png", action="store_true", help="no plot")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -75,7 +86,8 @@ def cmd_tune(args) -> int:
 
     res = tune(args.model, args.target, cpu=args.cpu, trials=args.trials, minutes=args.minutes, db=args.db,
                rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, input_size=args.input_size,
-               num_classes=args.num_classes, options=_options(args), progress=True, report=api._stderr)
+               num_classes=args.num_classes, options=_options(args), progress=True, report=api._stderr,
+               threads=args.threads)
     if args.json:
         print(json.dumps({"summary": res.summary(), **res.as_manifest(), "database": str(res.database),
                           "estimated_ms_before": res.estimated_ms_before, "estimated_ms_after": res.estimated_ms_after,

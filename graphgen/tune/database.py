@@ -276,6 +276,16 @@ def inspect(path: str | Path, *, target_json: dict | None = None, repair: bool =
     return info
 
 
+def tuned_threads(path: str | Path) -> int | None:
+    """The thread count (TVM's ``num-cores``) the database at ``path`` was tuned at, or None when
+    it has no readable header."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+        return int(meta["target"]["num-cores"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def trace_key(trace_json) -> str:
     """16 hex digits naming a record's schedule (its trace as JSON)."""
     return hashlib.sha256(json.dumps(trace_json, separators=(",", ":")).encode()).hexdigest()[:16]

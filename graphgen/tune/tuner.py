@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graphgen.compile.targets import threads_text
 from graphgen.errors import BuildError, GraphgenError, UserError
 from graphgen.tune import database as dbm
 from graphgen.tune import knob_search, measure, pipeline
@@ -49,14 +50,16 @@ class TuneResult:
                 est += f" (was {self.estimated_ms_before:.3g} ms)"
         state = "interrupted" if self.interrupted else "done"
         again = f", {self.retimed} schedules timed again" if self.retimed else ""
-        return (f"tuning {state}: {self.trials_run} trials{again} in {self.seconds:.0f} s "
+        threads = self.target.get("num-cores")
+        at = f" at {threads_text(threads)}" if threads else ""
+        return (f"tuning {state}: {self.trials_run} trials{again}{at} in {self.seconds:.0f} s "
                 f"({self.trials_total} recorded for this model's {self.tasks} kernels, {self.covered} covered)"
                 f"{est}; database {self.database}")
 
     def as_manifest(self) -> dict:
         return {"trials_run": self.trials_run, "trials_recorded": self.trials_total, "tasks": self.tasks,
                 "tasks_covered": self.covered, "seconds": round(self.seconds, 1), "interrupted": self.interrupted,
-                "runner": self.runner, "schedules_timed_again": self.retimed}
+                "runner": self.runner, "schedules_timed_again": self.retimed, "threads": self.target.get("num-cores")}
 
 
 def _quiet_logger(name: str) -> logging.Logger:
@@ -707,8 +710,10 @@ def tune_onnx(model, spec, *, trials: int | None = None, minutes: float | None =
     if rpc_tracker is not None:
         measure.check_tracker(rpc_tracker, rpc_key)
 
+    from graphgen.tune import database_for
+
     target_json = pipeline.tuning_target_json(spec)
-    db_path = Path(db).expanduser() if db is not None else dbm.default_db_path(spec.name, target_json)
+    db_path = database_for(spec, db)  # one tuned at another thread count is refused, not set aside
     with dbm.locked(db_path):
         opened = dbm.open_database(db_path, target_json, create_missing=True, report=report)
         if opened is None:
