@@ -402,8 +402,12 @@ def test_rpc_tracker_measures_on_a_registered_server(cache, tiny_onnx, tmp_path)
                 time.sleep(0.25)
         with pytest.raises(UserError, match="no server with key 'nope'"):
             measure.check_tracker(addr, "nope")
-        res = tune_onnx(onnx.load(str(tiny_onnx)), resolve_target("x86"), trials=8, batch=2,
-                        db=tmp_path / "rpcdb", rpc_tracker=addr, rpc_key="graphgen-test")
+        said = []
+        res = tune_onnx(onnx.load(str(tiny_onnx)), resolve_target("x86", threads=1), trials=8, batch=2,
+                        db=tmp_path / "rpcdb", rpc_tracker=addr, rpc_key="graphgen-test", report=said.append)
+        # the board's thread count is its server's: the run says how to make it the one asked for
+        assert any("TVM_NUM_THREADS=1 python -m tvm.exec.rpc_server" in m for m in said), said
+        assert res.target["num-cores"] == 1
         # a default schedule per kernel, then MetaSchedule batches, all timed on the RPC server
         assert res.runner.startswith("rpc") and res.trials_run >= 8 and res.trials_total == res.trials_run + res.retimed
         assert res.covered == res.tasks and all(p["best_us"] for p in res.per_task)

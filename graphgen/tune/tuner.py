@@ -709,6 +709,10 @@ def tune_onnx(model, spec, *, trials: int | None = None, minutes: float | None =
                         f"--rpc-tracker HOST:PORT --rpc-key KEY")
     if rpc_tracker is not None:
         measure.check_tracker(rpc_tracker, rpc_key)
+        # the board's runtime picks its own thread count (a runtime-only TVM takes no core list
+        # over RPC), so the candidates run at the count its server was started with
+        report(f"candidates run on the board at its server's thread count; for {pipeline.num_cores_for(spec)}, "
+               f"start it with TVM_NUM_THREADS={pipeline.num_cores_for(spec)} python -m tvm.exec.rpc_server ...")
 
     from graphgen.tune import database_for
 
