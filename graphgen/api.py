@@ -198,7 +198,8 @@ def build(model: str, target: str | dict = "x86", *, cpu: str | None = None, arc
         progress(f"      tuning {src.name} for {spec.name} (MetaSchedule; Ctrl-C keeps the trials, run again to resume)")
     db_path, tune_result = build_database(opt.model, spec, tune=tune, trials=trials, minutes=minutes, db=db,
                                           rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                                          progress=progress if tune and progress is not _quiet else None)
+                                          progress=progress if tune and progress is not _quiet else None,
+                                          report=progress)
     with StagedDir(dest) as stage:
         onnx_path = save_onnx(opt.model, stage.path("model.onnx"))
         lib_path = stage.path("model.so")

@@ -66,12 +66,13 @@ def tune(model: str, target: str | dict = "x86", *, cpu: str | None = None, tria
 
 def build_database(model, spec, *, tune: bool = False, trials: int | None = None, minutes: float | None = None,
                    db: str | Path | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
-                   progress=None) -> tuple[Path | None, TuneResult | None]:
+                   progress=None, report=None) -> tuple[Path | None, TuneResult | None]:
     """For ``graphgen build``: tune first when asked, then say which database the compile uses.
 
     Without ``tune`` the target's database is used when it exists (every build reuses what
     any earlier tuning measured); ``db`` names another folder. CUDA builds use none.
-    Returns (database folder or None, the tuning run's result or None).
+    ``report`` hears that a build at a thread count with no database of its own has one at the
+    default count. Returns (database folder or None, the tuning run's result or None).
     """
     from graphgen.errors import UserError
 
@@ -92,7 +93,22 @@ def build_database(model, spec, *, tune: bool = False, trials: int | None = None
             raise KeyboardInterrupt
     elif db is not None and not path.exists():
         raise UserError(f"--db {db}: no tuning database there (create one with graphgen tune ... --db {db})")
+    elif not path.exists() and report is not None:
+        _say_other_thread_count(spec, report)
     return (path if path.exists() else None), result
+
+
+def _say_other_thread_count(spec, say) -> None:
+    """A build at a thread count with no database of its own, where the default count has one:
+    say so (its schedules were chosen at another count, so the build does not take them)."""
+    from graphgen.compile.targets import at_default_threads, threads_text
+    from graphgen.tune.pipeline import num_cores_for
+
+    default = at_default_threads(spec)
+    if default is not spec and database_for(default).exists():
+        n = num_cores_for(spec)
+        say(f"      no tuning database tuned at {threads_text(n)} (there is one at "
+            f"{threads_text(num_cores_for(default))}): untuned; `graphgen tune MODEL --threads {n}` tunes one")
 
 
 def manifest_section(build_info: dict, tune_result: TuneResult | None) -> dict:

@@ -214,7 +214,10 @@ def _strided_facts(call):
     0.21-0.25; 256 -> 512 at 14x14 0.27 vs 0.26). The same im2col form for 3x3 and 7x7 windows
     was measured and not kept: the strided copy into columns cost more than the GEMM won
     (SqueezeNet's 3 -> 64 3x3/2 stem: 10 ms vs 0.8 direct; ResNet's 7x7/2 stem: 10.6 vs 7.0;
-    its 3x3/2 convs 1.0-1.4x slower).
+    its 3x3/2 convs 1.0-1.4x slower). Nor for small outputs (stop 28, Xeon, AVX-512, one thread,
+    conv + bias + ReLU alone, the 49 positions as 48 + 1 apart): ResNet-18's 512 -> 512 3x3 at
+    7x7 2.08 ms against 1.61 direct (onnxruntime 1.75), its 256 -> 512 3x3/2 1.17 against 0.87
+    (0.84): the GEMM's 4608-long reduction streams its columns from L2.
     """
     from graphgen.tune.conv_call import static_conv
 

@@ -84,6 +84,9 @@ def _tiles(out_h: int, out_w: int, m: int) -> int:
 #: once per tile, and the transformed weights are alpha^2/9 times the size of the originals
 #: (4x for F(4x4)). Measured on AVX2, 512 -> 512 channels at 7x7: F(4x4) (4 tiles) ran 2.3x
 #: slower than the direct conv, memory-bound on 38 MB of weights; F(2x2) (16 tiles) 1.1x faster
+#: alone, but not in the model: on AVX-512 (Xeon, one thread, stop 28, with the weights'
+#: prefetch) ResNet-18's three 512 -> 512 convs at 7x7 took 4.1-4.3 ms each as F(2x2) against
+#: 1.9-2.0 direct (U of 16.8 MB from memory on every call)
 MIN_TILES = 16
 
 #: F(4x4) with fewer than 2 * MIN_TILES tiles (13x13 to 20x20 outputs) only where its
@@ -93,7 +96,8 @@ MIN_TILES = 16
 #: 13x13 (U of 1.3 and 2.4 MB): the second ran 0.28 ms alone as F(4x4) against 0.36 as F(2x2),
 #: but 0.48 against 0.44 inside the model (onnxruntime 0.47). The whole model with F(2x2)
 #: there: 3-4 % faster in two interleaved A/B runs; ResNet-18 (256 -> 256 at 14x14, U of
-#: 9.4 MB): the same either way.
+#: 9.4 MB): the same either way; stop 28 (with the weights' prefetch) F(4x4) there 1.71 ms a
+#: conv against 1.32-1.38 as F(2x2), the model 5 % slower.
 F4_FEW_TILES_MAX_BYTES = 512 * 1024
 
 
