@@ -37,12 +37,15 @@ def bench_result(tmp_path_factory):
 
 
 def test_bench_times_graphgen_and_onnxruntime_in_one_process(bench_result):
+    from graphgen.bench import ROUNDS, round_orders
+
     res = bench_result
     names = [r["runtime"] for r in res["runtimes"]]
     assert names[0] == "graphgen" and "onnxruntime" in names
     assert res["checks"]["graphgen"]["ok"], res["checks"]["graphgen"]["summary"]
+    rounds = len(round_orders(len(names), ROUNDS))  # each runtime starts a round in turn
     for r in res["runtimes"]:
-        assert r["runs"] == 5  # spread over the interleaved rounds
+        assert r["runs"] == rounds * -(-5 // rounds)  # 5 asked, spread over the interleaved rounds
         assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and math.isfinite(r["p90_ms"])
     ort = next(r for r in res["runtimes"] if r["runtime"] == "onnxruntime")
     assert ort["vs_onnxruntime"] == 1.0
@@ -53,6 +56,18 @@ def test_bench_times_graphgen_and_onnxruntime_in_one_process(bench_result):
         assert r["of_sgemm"] == round(r["gflops"] / res["sgemm_gflops"], 2)
     if "openvino" not in names:
         assert res["openvino"] == "not installed" or res["openvino"].startswith("failed")
+
+
+@pytest.mark.parametrize("runtimes", [1, 2, 3, 4])
+def test_every_runtime_is_timed_in_every_position_of_a_round_equally_often(runtimes):
+    from graphgen.bench import ROUNDS, round_orders
+
+    orders = round_orders(runtimes, ROUNDS)
+    assert len(orders) >= ROUNDS and len(orders) % runtimes == 0
+    assert all(sorted(o) == list(range(runtimes)) for o in orders)  # each runtime once a round
+    for position in range(runtimes):
+        at = [o[position] for o in orders]
+        assert all(at.count(i) == len(orders) // runtimes for i in range(runtimes))
 
 
 def test_bench_table_and_plot(bench_result, tmp_path):

@@ -474,7 +474,8 @@ def _confirm_choices(extracted, plan: Plan, opened, builder, runner, report, dea
 IN_MODEL_SLOWER = 1.10
 #: ... and at least this much longer per call (below it, the medians' noise)
 IN_MODEL_MIN_SECONDS = 3e-6
-#: rounds of IN_MODEL_RUNS runs of each library, alternating
+#: rounds of IN_MODEL_RUNS runs of each library (at least; each library first in turn, so
+#: rounded up to an even count: graphgen.bench.round_orders)
 IN_MODEL_ROUNDS = 3
 IN_MODEL_RUNS = 20
 #: the suffix layout rewriting adds to a kernel's name in the library
@@ -517,12 +518,12 @@ def _confirm_in_model(onnx_model, spec, fused, opened, report) -> list[str]:
     variant, 40.3 us alone against the default's 43.9, but 54-56 us in the model against
     39-41: the tuned model 6 % slower than the untuned one). Both libraries are built and
     profiled through the VM's instrument hook (:func:`graphgen.bench.kernel_times`), in
-    alternating rounds; a kernel whose calls take IN_MODEL_SLOWER times as long tuned (and
+    rounds that each library starts in turn; a kernel whose calls take IN_MODEL_SLOWER times as long tuned (and
     IN_MODEL_MIN_SECONDS more per call) gets graphgen's default schedule as its choice in
     ``chosen.json``. Returns the names of those kernels."""
     import statistics
 
-    from graphgen.bench import kernel_times, set_tvm_threads
+    from graphgen.bench import kernel_times, round_orders, set_tvm_threads
     from graphgen.compile import compile_model
     from graphgen.verify import random_inputs
 
@@ -536,9 +537,11 @@ def _confirm_in_model(onnx_model, spec, fused, opened, report) -> list[str]:
         compile_model(onnx_model, spec, libs["tuned"], database=opened.path, default_schedules=True)
         set_tvm_threads(pipeline.num_cores_for(spec))
         rounds: dict[str, list[dict[str, tuple[float, int]]]] = {"untuned": [], "tuned": []}
-        for _ in range(IN_MODEL_ROUNDS):
-            for label, lib in libs.items():
-                rounds[label].append(_per_kernel(kernel_times(lib, inputs, onnx_model, IN_MODEL_RUNS, warmup=3)))
+        labels = list(libs)
+        for order in round_orders(len(labels), IN_MODEL_ROUNDS):  # each library first in turn
+            for label in (labels[i] for i in order):
+                rounds[label].append(_per_kernel(kernel_times(libs[label], inputs, onnx_model, IN_MODEL_RUNS,
+                                                              warmup=3)))
     finally:
         measure.clean(work)
     opened.refresh()
