@@ -6,8 +6,8 @@ Every runtime gets the same optimized ``model.onnx`` graphgen compiles, the same
 the same number of threads (the host's physical cores unless ``--threads``). After a
 warm-up the runtimes are timed in interleaved rounds (a burst of load on the host then hits
 them all alike), each runtime starting a round in turn (:func:`round_orders`: the position
-in a round counts by a few percent), and the median of the single-run latencies is reported with the 10th and
-90th percentiles. Each graphgen library is checked against onnxruntime first (relative L2,
+in a round counts by a few percent), and the median of the single-run latencies is reported
+with the 10th and 90th percentiles. Each graphgen library is checked against onnxruntime first (relative L2,
 the build's rule), so a fast wrong library never makes the table.
 
 Speed is reported here, never asserted in a test: timings on a shared machine are noisy,
@@ -333,19 +333,19 @@ def _tuned_database(spec, db, model: str, say):
     ``db`` when given; else the one tuned at the row's thread count; else, when none was tuned
     at that count, the one tuned at the default count (said, and recorded in the result: its
     schedules were chosen by timings at another thread count)."""
-    from graphgen.compile.targets import at_default_threads, threads_text
-    from graphgen.tune import database_for
+    from graphgen.compile.targets import threads_text
+    from graphgen.tune import database_for, default_count_database
     from graphgen.tune.pipeline import num_cores_for
 
     path = database_for(spec, db)
     if path.exists():
         return path, spec
-    default_spec = at_default_threads(spec)
-    fallback = database_for(default_spec)
-    if db is None and default_spec.tvm_json != spec.tvm_json and fallback.exists():
+    other = default_count_database(spec) if db is None else None
+    if other is not None:
+        fallback, default_spec = other
         say(f"no tuning database tuned at {threads_text(num_cores_for(spec))} ({path.name}); using the one tuned "
             f"at {threads_text(num_cores_for(default_spec))} ({fallback.name})")
-        return fallback, default_spec
+        return other
     threads = spec.details.get("threads")
     raise UserError(f"--tuned: no tuning database at {path}; run `graphgen tune {model} --target {spec.name}"
                     + (f" --threads {threads}" if threads else "") + "` first")

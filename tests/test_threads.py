@@ -58,7 +58,7 @@ def test_a_database_tuned_at_another_thread_count_is_refused_and_left_in_place(t
     dbm.create(path, {**X86, "num-cores": 2})
     assert dbm.tuned_threads(path) == 2
     spec = resolve_target(X86, threads=1)
-    with pytest.raises(UserError, match=r"tuned at 2 threads, this build is for 1; pass --threads 2"):
+    with pytest.raises(UserError, match=r"tuned at 2 threads, this run is for 1 thread; pass --threads 2"):
         database_for(spec, path)
     assert (path / dbm.META).exists() and not list(tmp_path.glob("db.set-aside-*"))
     assert database_for(resolve_target(X86, threads=2), path) == path
@@ -105,7 +105,7 @@ def test_tuning_at_one_thread_times_on_one_thread_and_builds_at_that_count_use_i
                  "-o", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("graphgen: error: ") and len(err.splitlines()) == 1, err  # before any work
-    assert "tuned at 1 thread, this build is for 3; pass --threads 1" in err
+    assert "tuned at 1 thread, this run is for 3 threads; pass --threads 1" in err
     assert not (tmp_path / "bad").exists() and res.database.exists()
     assert main(["build", str(tiny_onnx), "--threads", "0", "-o", str(tmp_path / "bad")]) == 2
     assert "--threads must be a whole number of at least 1" in capsys.readouterr().err

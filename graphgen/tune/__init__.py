@@ -15,7 +15,8 @@ from pathlib import Path
 from graphgen.tune.database import cache_dir, default_db_path, open_database
 from graphgen.tune.tuner import TuneResult, tune_onnx
 
-__all__ = ["TuneResult", "build_database", "cache_dir", "database_for", "default_db_path", "manifest_section",
+__all__ = ["TuneResult", "build_database", "cache_dir", "database_for", "default_count_database", "default_db_path",
+           "manifest_section",
            "open_database", "tune", "tune_onnx"]
 
 
@@ -35,7 +36,7 @@ def database_for(spec, db: str | Path | None = None) -> Path:
     path = Path(db).expanduser()
     theirs, ours = tuned_threads(path), num_cores_for(spec)
     if theirs is not None and theirs != ours:
-        raise UserError(f"--db {db} was tuned at {threads_text(theirs)}, this build is for {ours}; "
+        raise UserError(f"--db {db} was tuned at {threads_text(theirs)}, this run is for {threads_text(ours)}; "
                         f"pass --threads {theirs}, or tune at {ours} into another folder")
     return path
 
@@ -98,17 +99,29 @@ def build_database(model, spec, *, tune: bool = False, trials: int | None = None
     return (path if path.exists() else None), result
 
 
+def default_count_database(spec):
+    """(database, spec) tuned at the default thread count, where ``spec`` asks for another
+    count and that default database exists; else None."""
+    from graphgen.compile.targets import at_default_threads
+
+    default = at_default_threads(spec)
+    path = database_for(default)
+    if path != database_for(spec) and path.exists():
+        return path, default
+    return None
+
+
 def _say_other_thread_count(spec, say) -> None:
     """A build at a thread count with no database of its own, where the default count has one:
     say so (its schedules were chosen at another count, so the build does not take them)."""
-    from graphgen.compile.targets import at_default_threads, threads_text
+    from graphgen.compile.targets import threads_text
     from graphgen.tune.pipeline import num_cores_for
 
-    default = at_default_threads(spec)
-    if default is not spec and database_for(default).exists():
+    other = default_count_database(spec)
+    if other is not None:
         n = num_cores_for(spec)
         say(f"      no tuning database tuned at {threads_text(n)} (there is one at "
-            f"{threads_text(num_cores_for(default))}): untuned; `graphgen tune MODEL --threads {n}` tunes one")
+            f"{threads_text(num_cores_for(other[1]))}): untuned; `graphgen tune MODEL --threads {n}` tunes one")
 
 
 def manifest_section(build_info: dict, tune_result: TuneResult | None) -> dict:

@@ -518,9 +518,9 @@ def _confirm_in_model(onnx_model, spec, fused, opened, report) -> list[str]:
     variant, 40.3 us alone against the default's 43.9, but 54-56 us in the model against
     39-41: the tuned model 6 % slower than the untuned one). Both libraries are built and
     profiled through the VM's instrument hook (:func:`graphgen.bench.kernel_times`), in
-    rounds that each library starts in turn; a kernel whose calls take IN_MODEL_SLOWER times as long tuned (and
-    IN_MODEL_MIN_SECONDS more per call) gets graphgen's default schedule as its choice in
-    ``chosen.json``. Returns the names of those kernels."""
+    rounds that each library starts in turn; a kernel whose calls take IN_MODEL_SLOWER times
+    as long tuned (and IN_MODEL_MIN_SECONDS more per call) gets graphgen's default schedule as
+    its choice in ``chosen.json``. Returns the names of those kernels."""
     import statistics
 
     from graphgen.bench import kernel_times, round_orders, set_tvm_threads
