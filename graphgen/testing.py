@@ -84,13 +84,14 @@ def winograd_and_pointwise_model() -> onnx.ModelProto:
 
 
 def compile_and_compare(model: onnx.ModelProto, out_dir: Path, target: str = "x86",
-                        tolerance: float = DEFAULT_TOLERANCE):
-    """Compile ``model`` for ``target`` into ``out_dir/m.so`` (no optimizer) and, where it runs
-    here, compare it with onnxruntime. Returns (default-schedule kinds, comparison or None)
-    and asserts no default schedule failed."""
+                        tolerance: float = DEFAULT_TOLERANCE, threads: int | None = None):
+    """Compile ``model`` for ``target`` (scheduled for ``threads`` threads; default: the
+    target's default count) into ``out_dir/m.so`` (no optimizer) and, where it runs here,
+    compare it with onnxruntime. Returns (default-schedule kinds, comparison or None) and
+    asserts no default schedule failed."""
     from graphgen.compile import compile_model, resolve_target, run_library
 
-    spec = resolve_target(target)
+    spec = resolve_target(target, threads=threads)
     info = compile_model(model, spec, Path(out_dir) / "m.so")
     s = info["schedules"]
     assert not s.get("default_schedule_failures"), s

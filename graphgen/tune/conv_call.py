@@ -31,9 +31,9 @@ def legalizing_for(isa):
         _LEGALIZE_ISA.reset(token)
 
 
-def legalize_lanes() -> int | None:
-    """fp32 lanes of the ISA kernels are legalized for: :func:`legalizing_for`'s, else the
-    current target's (LegalizeOps runs under it), else None."""
+def legalize_isa():
+    """The ISA (:class:`graphgen.tune.defaults.Isa`) kernels are legalized for:
+    :func:`legalizing_for`'s, else the current target's (LegalizeOps runs under it), else None."""
     isa = _LEGALIZE_ISA.get()
     if isa is None:
         import tvm
@@ -44,7 +44,19 @@ def legalize_lanes() -> int | None:
         if target is None:
             return None
         isa = isa_of(target)
-    return isa.lanes
+    return isa
+
+
+def legalize_lanes() -> int | None:
+    """fp32 lanes of the ISA kernels are legalized for (:func:`legalize_isa`), else None."""
+    isa = legalize_isa()
+    return None if isa is None else isa.lanes
+
+
+def legalize_threads() -> int:
+    """Threads the kernels being legalized are scheduled for (:func:`legalize_isa`), else 1."""
+    isa = legalize_isa()
+    return 1 if isa is None else isa.threads
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     concat_in_place = concat_in_place_enabled(concat_in_place)
     target = spec.tvm_target()
     like = schedule_like or spec
-    isa = isa_of(like.tvm_target())
+    isa = isa_of(like.tvm_target(), threads=num_cores_for(like))
     notes: list[str] = []
     opened = None
     if database is not None:
@@ -366,6 +366,7 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
     # what a build "like" this one needs to reproduce its kernels' signatures (the armv7 kernel check)
     info["schedules"] = {**stats.as_dict(), "database": str(opened.path) if opened else None,
                          "pipeline": pipeline, "isa": isa.name if pipeline == "graphgen" else None,
+                         "threads": isa.threads if pipeline == "graphgen" else None,
                          "default_schedules": bool(default_schedules) and pipeline == "graphgen",
                          "layout_rewrite": layout_rewrite and pipeline == "graphgen",
                          "winograd": winograd if pipeline == "graphgen" else "off",

@@ -52,15 +52,32 @@ def enabled(use: bool | None = None) -> bool:
 SPLIT_MIN_WASTE = 1 / 8
 
 
-def computes_rest_apart(c_in: int, k_out: int, positions: int) -> bool:
+def computes_rest_apart(c_in: int, k_out: int, positions: int, threads: int = 1) -> bool:
     """Whether the positions past the last whole vector are a GEMM of their own rather than
     padding: where padding wastes much (7x7: 49 -> 64), and where the padded copy of the input
     would be larger than the second pass over the output that computing them apart costs (more
     input channels than output channels: SqueezeNet's squeeze convs). Measured (Xeon, AVX-512,
     one thread): 128 -> 16 at 55x55 0.59 ms padded vs 0.36-0.40 apart, 256 -> 32 at 27x27
-    0.235 vs 0.174 (onnxruntime 0.42, 0.25)."""
+    0.235 vs 0.174 (onnxruntime 0.42, 0.25).
+
+    On more than one thread (``threads``), always: the padded copy is one more pass between
+    the threads (each GEMM thread reads rows the copy wrote on the other core), and the whole
+    vectors split into position chunks for the threads (``defaults.position_chunks``) where a
+    padded count often does not (13 vectors at 14x14). Measured (Xeon, AVX-512, two threads,
+    conv + bias + ReLU alone, us, padded -> apart): 116 -> 116 at 14x14 61-65 -> 39 (one
+    thread: 39 padded), 232 -> 232 at 14x14 101 -> 82, 96 -> 576 at 14x14 110 -> 105,
+    48 -> 192 at 13x13 34 -> 28, 512 -> 1000 at 13x13 618 -> 594; but 64 -> 256 at 13x13 37 -> 48,
+    and SqueezeNet in the model slower with its 13x13 convs apart (9 positions of 169 left,
+    computed at a fraction of the GEMM's speed): only where the positions left are at most
+    :data:`THREADED_REST_MAX_SHARE` of the image (14x14: 4 of 196)."""
     padded = -(-positions // P_QUANTUM) * P_QUANTUM
-    return padded == positions or padded - positions > positions * SPLIT_MIN_WASTE or c_in > k_out
+    return (padded == positions or padded - positions > positions * SPLIT_MIN_WASTE or c_in > k_out
+            or (threads > 1 and positions % P_QUANTUM <= positions * THREADED_REST_MAX_SHARE))
+
+
+#: on more than one thread, positions past the last whole vector are computed apart where
+#: they are at most this share of the image (see :func:`computes_rest_apart`)
+THREADED_REST_MAX_SHARE = 1 / 25
 
 
 #: AVX-512: input channels from which a padded image's positions are padded further, to a
@@ -99,10 +116,12 @@ def pointwise_conv2d_te(data, weight, k_out: int):
     -> NCHW with ``k_out`` channels."""
     from tvm import te, tirx
 
+    from graphgen.tune.conv_call import legalize_threads
+
     n_b, c_in, h, w = (int(x) for x in data.shape)
     p_real = h * w
     p_pad = padded_positions(p_real, c_in)
-    if computes_rest_apart(c_in, k_out, p_real):
+    if computes_rest_apart(c_in, k_out, p_real, legalize_threads()):
         # whole vectors, or a 7x7 image (49 positions: 48 + 1 apart rather than 64), or more
         # input channels than output channels
         def x_at(n, c, p):  # the NCHW image's rows are one contiguous axis of positions
