@@ -54,7 +54,7 @@ def _scheduled(model, threads: int, target_name: str = "avx512") -> str:
     with target:
         mod = schedule_kernels(fuse(import_onnx(model), target), target)
     (f,) = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)
-            and ("pointwise" in gv.name_hint or "phase" in gv.name_hint)]
+            and any(s in gv.name_hint for s in ("pointwise", "conv", "phase"))]
     return f.script()
 
 
@@ -88,6 +88,17 @@ def test_a_phase_split_stem_is_cut_by_rows_on_two_threads_and_a_depthwise_one_is
     assert _parallel_loops(_scheduled(depthwise, 1)) == _parallel_loops(_scheduled(depthwise, 2))
 
 
+def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
+    """ResNet-18's 64 -> 128 3x3/2 at 56x56 (input 0.86 MB, weights 0.3 MB, 28 rows): rows
+    cut in two on two threads. Its 512 -> 512 at 7x7 (weights 9.4 MB): channel blocks, as on
+    one thread."""
+    strided = single_conv_model(64, 128, 56, stride=2)
+    assert _parallel_loops(_scheduled(strided, 1))[-1] == "nn_ff_0_yy_0_fused"
+    assert _parallel_loops(_scheduled(strided, 2))[-1] == "nn_yy_0_0_ff_0_yy_0_1_fused"
+    heavy = single_conv_model(512, 512, 7)
+    assert _parallel_loops(_scheduled(heavy, 1)) == _parallel_loops(_scheduled(heavy, 2))
+
+
 CASES = {
     "squeeze_55": (dict(c=64, k=16, h=55, kernel=1, padding=0), "pointwise conv2d"),      # 3 chunks of 21 tiles
     "squeeze_27": (dict(c=256, k=32, h=27, kernel=1, padding=0), "pointwise conv2d"),
@@ -98,6 +109,8 @@ CASES = {
     "whole_56_batch2": (dict(c=24, k=40, h=56, kernel=1, padding=0, batch=2), "pointwise conv2d"),
     "stem_3x3_2": (dict(c=3, k=64, h=37, padding=0, stride=2), "conv2d (phase-split)"),   # 18 rows
     "stem_7x7_2": (dict(c=3, k=16, h=40, kernel=7, padding=3, stride=2), "conv2d (phase-split)"),
+    "conv_3x3_2": (dict(c=32, k=64, h=28, stride=2), "conv2d"),                          # 14 rows: 2 chunks
+    "conv_3x3_2_batch2": (dict(c=16, k=32, h=32, stride=2, batch=2), "conv2d"),
 }
 
 
