@@ -131,3 +131,12 @@ def test_kernels_cut_for_a_boards_four_threads_compile(target, tmp_path):
         kinds, c = compile_and_compare(single_conv_model(**kwargs), tmp_path / name, target, TOL, threads=4)
         assert kinds == {kind: 1}, kinds
         assert c is None  # not runnable here
+
+
+def test_the_build_records_the_thread_count_its_kernels_were_scheduled_for(tmp_path):
+    from graphgen.compile import compile_model
+
+    model = single_conv_model(16, 16, 14, kernel=1, padding=0)
+    for threads in (1, 3):
+        info = compile_model(model, resolve_target("x86", threads=threads), tmp_path / f"m{threads}.so")
+        assert info["schedules"]["threads"] == threads
