@@ -85,7 +85,10 @@ def test_a_phase_split_stem_is_cut_by_rows_on_two_threads_and_a_depthwise_one_is
     assert _parallel_loops(_scheduled(stem, 1))[-1] == "n_k_0_y_0_fused"
     assert _parallel_loops(_scheduled(stem, 2))[-1] == "n_y_0_0_k_0_y_0_1_fused"
     depthwise = single_conv_model(32, 32, 28, groups=32)
-    assert _parallel_loops(_scheduled(depthwise, 1)) == _parallel_loops(_scheduled(depthwise, 2))
+    one, two = _scheduled(depthwise, 1), _scheduled(depthwise, 2)
+    assert "phase_depthwise" in two  # the row kernel, whose rows the phase-split stem's code cuts
+    assert _parallel_loops(one) == _parallel_loops(two)
+    assert _parallel_loops(two)[-1] == "n_k_0_y_0_fused"
 
 
 def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
@@ -97,6 +100,7 @@ def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
     assert _parallel_loops(_scheduled(strided, 2))[-1] == "nn_yy_0_0_ff_0_yy_0_1_fused"
     heavy = single_conv_model(512, 512, 7)
     assert _parallel_loops(_scheduled(heavy, 1)) == _parallel_loops(_scheduled(heavy, 2))
+    assert _parallel_loops(_scheduled(heavy, 2))[-1] == "nn_ff_0_yy_0_fused"  # the direct conv, by channels
 
 
 CASES = {

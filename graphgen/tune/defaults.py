@@ -845,19 +845,21 @@ def position_chunks(tiles: int, threads: int) -> int:
 
 
 def _channels_outside(sch, n_loop, k_o, p_o, isa) -> tuple:
-    """The outer loops of a pointwise GEMM in the order "channels outside": ``(n, k_o, p_o)``
-    on one thread; on more (``isa.threads``), ``(n, p_c, k_o, p_o')``, the positions first cut
-    into :func:`position_chunks`, so that TVM's parallel loop (its iterations shared among the
-    threads in contiguous runs) gives each thread its own part of the image with every channel
-    block, not a channel block over the whole image.
+    """The parallel outer loops of a kernel in the order "channels outside" (a pointwise GEMM's
+    positions, a conv's output rows: ``p_o``): ``(n, k_o, p_o)`` on one thread; on more
+    (``isa.threads``), ``(n, p_c, k_o, p_o')``, the positions first cut into
+    :func:`position_chunks` (every tile its own chunk: ``(n, p_o, k_o)``), so that TVM's
+    parallel loop (its iterations shared among the threads in contiguous runs) gives each
+    thread its own part of the image with every channel block, not a channel block over the
+    whole image.
 
     Each thread then reads the input rows of its own positions only, which the kernel before
     (also cut along the image) mostly left in its own core's cache, instead of every input row,
     half of them from the other core. Measured (Xeon, AVX-512, two threads, in the model):
     SqueezeNet's squeeze convs 64 -> 16 at 55x55 121 -> 55 us (67 at one thread), 256 -> 32 at
-    27x27 170 -> 80 (108); whole models interleaved, untuned: SqueezeNet 3.13 -> 2.97 ms,
-    MobileNetV2 4.12 -> 3.91, ShuffleNetV2 2.53 -> 2.46, ResNet-18 10.35 -> 10.24, and the same
-    at one thread (one chunk)."""
+    27x27 170 -> 80 (108); whole models interleaved, untuned, with the pointwise GEMMs cut:
+    SqueezeNet 3.13 -> 3.01 ms, MobileNetV2 4.12 -> 3.91, ShuffleNetV2 2.58 -> 2.46, ResNet-18
+    10.35 -> 10.24; one thread unchanged (one chunk)."""
     tiles = _int(sch.get(p_o).extent)
     chunks = position_chunks(tiles, isa.threads)
     if chunks == 1:

@@ -60,7 +60,8 @@ def computes_rest_apart(c_in: int, k_out: int, positions: int, threads: int = 1)
     one thread): 128 -> 16 at 55x55 0.59 ms padded vs 0.36-0.40 apart, 256 -> 32 at 27x27
     0.235 vs 0.174 (onnxruntime 0.42, 0.25).
 
-    On more than one thread (``threads``), always: the padded copy is one more pass between
+    On more than one thread (``threads``), also where few positions are left (at most
+    :data:`THREADED_REST_MAX_SHARE` of the image): the padded copy is one more pass between
     the threads (each GEMM thread reads rows the copy wrote on the other core), and the whole
     vectors split into position chunks for the threads (``defaults.position_chunks``) where a
     padded count often does not (13 vectors at 14x14). Measured (Xeon, AVX-512, two threads,
@@ -68,8 +69,7 @@ def computes_rest_apart(c_in: int, k_out: int, positions: int, threads: int = 1)
     thread: 39 padded), 232 -> 232 at 14x14 101 -> 82, 96 -> 576 at 14x14 110 -> 105,
     48 -> 192 at 13x13 34 -> 28, 512 -> 1000 at 13x13 618 -> 594; but 64 -> 256 at 13x13 37 -> 48,
     and SqueezeNet in the model slower with its 13x13 convs apart (9 positions of 169 left,
-    computed at a fraction of the GEMM's speed): only where the positions left are at most
-    :data:`THREADED_REST_MAX_SHARE` of the image (14x14: 4 of 196)."""
+    computed at a fraction of the GEMM's speed), hence the bound (14x14: 4 of 196 left)."""
     padded = -(-positions // P_QUANTUM) * P_QUANTUM
     return (padded == positions or padded - positions > positions * SPLIT_MIN_WASTE or c_in > k_out
             or (threads > 1 and positions % P_QUANTUM <= positions * THREADED_REST_MAX_SHARE))
