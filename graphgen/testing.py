@@ -120,3 +120,28 @@ def every_knob_at(option: int, monkeypatch) -> dict:
 
     monkeypatch.setattr(defaults, "default_schedule", with_option)
     return seen
+
+
+def scheduled_kernel_tir(model: onnx.ModelProto, threads: int, target: str = "avx512") -> str:
+    """The TIR (TVMScript) of ``model``'s one conv kernel after graphgen's default schedule, built
+    as ``graphgen tune`` and ``build`` do for ``target`` at ``threads`` threads. For tests of a
+    schedule's structure (which loops are parallel, what is computed where)."""
+    from tvm import tirx
+
+    from graphgen.compile import resolve_target
+    from graphgen.compile.tvm_build import import_onnx
+    from graphgen.tune.pipeline import fuse, schedule_kernels, tuning_target
+
+    tvm_target = tuning_target(resolve_target(target, threads=threads))
+    with tvm_target:
+        mod = schedule_kernels(fuse(import_onnx(model), tvm_target), tvm_target)
+    (f,) = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)
+            and any(s in gv.name_hint for s in ("pointwise", "conv", "phase"))]
+    return f.script()
+
+
+def parallel_loops(tir_text: str) -> list[str]:
+    """The names of the parallel loops in a kernel's TVMScript, in order."""
+    import re
+
+    return re.findall(r"for (\w+) in T\.parallel", tir_text)

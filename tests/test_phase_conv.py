@@ -4,7 +4,8 @@ against onnxruntime (fp32, relative L2 < 1e-5)."""
 import pytest
 
 from graphgen.compile import resolve_target
-from graphgen.testing import compile_and_compare, every_knob_at, single_conv_model
+from graphgen.testing import (compile_and_compare, every_knob_at, parallel_loops, scheduled_kernel_tir,
+                              single_conv_model)
 from graphgen.tune import phase_conv
 
 TOL = 1e-5
@@ -117,6 +118,25 @@ def test_depthwise_row_kernels_match_onnxruntime(name, tmp_path):
     kinds, cmp = _check(single_conv_model(c, c, groups=c, **kw), tmp_path)
     assert kinds == {DW_KIND: 1}, kinds
     assert cmp.ok, cmp.summary()
+
+
+@pytest.mark.parametrize("kwargs, threads, per_block", [
+    (dict(c=24, h=56), 1, True),             # 56 columns: each channel block's padded rows copied in the loop
+    (dict(c=24, h=28), 2, True),
+    (dict(c=24, h=14), 1, False),            # 3x3 at 14 columns: the whole padded input first (faster there)
+    (dict(c=24, h=14, kernel=5, padding=2), 1, True),  # 5x5 windows: per block at 14 columns too
+    (dict(c=4, h=56), 2, False),             # one channel block: too few for two threads alone
+])
+def test_depthwise_rows_copy_each_channel_blocks_input_in_the_parallel_loop(kwargs, threads, per_block):
+    """Per block: the conv's parallel loop is over channel blocks alone, the padded copy inside it
+    (it stays in the cache); else the whole copy comes first, outside the conv's loop."""
+    kw = dict(kwargs)
+    c = kw.pop("c")
+    tir = scheduled_kernel_tir(single_conv_model(c, c, groups=c, **kw), threads)
+    conv_loop = parallel_loops(tir)[-1]
+    assert conv_loop == ("n_k_0_fused" if per_block else "n_k_0_y_0_fused"), conv_loop
+    copied_inside = tir.index('T.sblock("phase_conv_data")') > tir.index(f"for {conv_loop} in T.parallel")
+    assert copied_inside == per_block
 
 
 @pytest.mark.parametrize("kwargs", [

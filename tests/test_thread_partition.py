@@ -4,12 +4,10 @@ channel block, so it reads the input rows of that part only, which the kernel be
 its own core's cache. Schedule structure at one and two threads, and every such kernel
 against onnxruntime (fp32, relative L2 < 1e-5)."""
 
-import re
-
 import pytest
 
 from graphgen.compile import resolve_target
-from graphgen.testing import compile_and_compare, single_conv_model
+from graphgen.testing import compile_and_compare, parallel_loops as _parallel_loops, scheduled_kernel_tir, single_conv_model
 from graphgen.tune.defaults import CHUNK_EVERY_TILE_MAX, isa_of, position_chunks
 from graphgen.tune.pipeline import tuning_target
 
@@ -44,22 +42,7 @@ def test_the_isa_carries_the_targets_thread_count():
 
 
 def _scheduled(model, threads: int, target_name: str = "avx512") -> str:
-    """The scheduled kernel's TIR, built as ``graphgen tune`` and ``build`` do at ``threads``."""
-    from tvm import tirx
-
-    from graphgen.compile.tvm_build import import_onnx
-    from graphgen.tune.pipeline import fuse, schedule_kernels
-
-    target = tuning_target(resolve_target(target_name, threads=threads))
-    with target:
-        mod = schedule_kernels(fuse(import_onnx(model), target), target)
-    (f,) = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)
-            and any(s in gv.name_hint for s in ("pointwise", "conv", "phase"))]
-    return f.script()
-
-
-def _parallel_loops(text: str) -> list[str]:
-    return re.findall(r"for (\w+) in T\.parallel", text)
+    return scheduled_kernel_tir(model, threads, target_name)
 
 
 def test_a_squeeze_gemm_is_cut_along_the_image_first_on_two_threads():
@@ -88,7 +71,7 @@ def test_a_phase_split_stem_is_cut_by_rows_on_two_threads_and_a_depthwise_one_is
     one, two = _scheduled(depthwise, 1), _scheduled(depthwise, 2)
     assert "phase_depthwise" in two  # the row kernel, whose rows the phase-split stem's code cuts
     assert _parallel_loops(one) == _parallel_loops(two)
-    assert _parallel_loops(two)[-1] == "n_k_0_y_0_fused"
+    assert _parallel_loops(two)[-1] == "n_k_0_fused"  # channel blocks, each copying its own padded rows
 
 
 def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
