@@ -300,6 +300,25 @@ def test_deploy_python_loader_runs_under_emulated_aarch64(emulation, arm_squeeze
     assert proc.stdout.split("top-5:")[1].split()[0] == str(top1)
 
 
+def test_deploy_python_loader_says_when_the_runtime_runs_another_thread_count():
+    import importlib.util
+
+    import tvm_ffi
+
+    spec = importlib.util.spec_from_file_location("run_model", REPO / "examples" / "deploy" / "run_model.py")
+    run_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_model)
+    running = tvm_ffi.get_global_func("runtime.NumThreads")()
+    manifest = {"model": {"name": "squeezenet1_1"}, "target": {}, "build": {"schedules": {"threads": running + 1}}}
+    note = run_model.thread_count_note(manifest)
+    assert note and f"built for {running + 1} threads" in note and f"TVM_NUM_THREADS={running + 1}" in note
+    assert "\n" not in note
+    manifest["build"]["schedules"]["threads"] = running
+    assert run_model.thread_count_note(manifest) is None
+    manifest["target"]["threads"] = running + 2  # an explicit --threads is what the library was made for
+    assert f"built for {running + 2} threads" in run_model.thread_count_note(manifest)
+
+
 def test_deploy_cpp_loader_builds_and_matches_onnxruntime(tmp_path):
     """The C++ loader against this host's x86 build (the same code a board compiles against its runtime)."""
     import tvm

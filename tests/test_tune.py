@@ -482,6 +482,44 @@ def test_default_schedules_cover_every_kernel_class_and_match_onnxruntime(tmp_pa
     assert c.ok, c.summary()
 
 
+def test_a_class_schedule_that_raises_falls_back_to_generic_and_says_so(tmp_path, monkeypatch):
+    """A bug in a class's schedule (anything but NotMatched) must not pass unnoticed as a slower
+    build: the kernel gets the generic schedule (still correct), the build records which class
+    raised what, and the log says it."""
+    from graphgen.testing import single_conv_model
+    from graphgen.tune import defaults
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setitem(defaults._MAIN, "phase_depthwise", broken)
+    model = single_conv_model(16, 16, 28, groups=16)
+    spec = resolve_target("x86")
+    said: list[str] = []
+    info = compile_model(model, spec, tmp_path / "m.so", default_schedules=True, log=said.append)
+    s = info["schedules"]
+    assert s["default_schedule_kinds"] == {"generic": 1}, s
+    assert s["default_schedule_fallbacks"] == ["broken (phase_depthwise): IndexError: list index out of range"], s
+    assert any("generic schedule" in m and "IndexError" in m for m in said), said
+    x = random_inputs(model)
+    c = compare(run_library(tmp_path / "m.so", spec, model, x), run_onnxruntime(model, x), ["out"], 1e-5)
+    assert c.ok, c.summary()
+
+
+def test_a_kernel_outside_its_class_falls_back_quietly(tmp_path, monkeypatch):
+    from graphgen.testing import single_conv_model
+    from graphgen.tune import defaults
+
+    def not_this_class(*args, **kwargs):
+        raise defaults.NotMatched("two outputs")
+
+    monkeypatch.setitem(defaults._MAIN, "phase_depthwise", not_this_class)
+    info = compile_model(single_conv_model(16, 16, 28, groups=16), resolve_target("x86"), tmp_path / "m.so",
+                         default_schedules=True)
+    assert info["schedules"]["default_schedule_kinds"] == {"generic": 1}
+    assert "default_schedule_fallbacks" not in info["schedules"]
+
+
 def _classifier_model(features: int, classes: int, batch: int = 1):
     b = GraphBuilder(f"fc_{features}_{classes}_{batch}")
     x = b.input("input", (batch, features))

@@ -52,6 +52,8 @@ def _optimize_compile_and_check(name, size, g, detach, tmp_path):
     expected = run_onnxruntime(g.model, inputs)
     x86 = resolve_target({**resolve_target("x86").tvm_json, "opt-level": 0})
     info = compile_model(optimized, x86, tmp_path / "x86.so", params_as_inputs=detach)
+    # every kernel got its class's schedule or none: no class schedule raised (a bug) and fell back
+    assert not info["schedules"].get("default_schedule_fallbacks"), info["schedules"]["default_schedule_fallbacks"]
     got = run_library(tmp_path / "x86.so", x86, optimized, inputs, info.get("detached_params"))
     c = compare(got, expected, [o.name for o in g.model.graph.output])
     assert c.ok, f"{name} at {size}: TVM x86 vs onnxruntime: {c.summary()} {c.detail}"

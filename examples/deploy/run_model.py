@@ -20,6 +20,21 @@ import tvm  # noqa: E402
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 
+def thread_count_note(manifest: dict) -> str | None:
+    """A line saying so when TVM's runtime runs another thread count than the library's kernels
+    were scheduled (and tuned) for: it still computes the same outputs, only slower."""
+    import tvm_ffi
+
+    schedules = manifest.get("build", {}).get("schedules") or {}
+    built = manifest.get("target", {}).get("threads") or schedules.get("threads")
+    running = tvm_ffi.get_global_func("runtime.NumThreads")()
+    if not built or running == built:
+        return None
+    plural = lambda n: f"{n} thread{'' if n == 1 else 's'}"  # noqa: E731
+    return (f"note: {manifest['model']['name']} was built for {plural(built)}, TVM runs {plural(running)} here; "
+            f"set TVM_NUM_THREADS={built} (or build with --threads {running}) for the speed it was tuned for")
+
+
 def main(argv):
     if len(argv) not in (2, 3):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
@@ -34,6 +49,9 @@ def main(argv):
 
     lib = tvm.runtime.load_module(str(folder / "model.so"))
     vm = VirtualMachine(lib, tvm.cpu())
+    note = thread_count_note(manifest)
+    if note:
+        print(note, file=sys.stderr)
     inp = tvm.runtime.tensor(x)
     vm["main"](inp)  # first call allocates the VM's memory pool
     t = time.perf_counter()

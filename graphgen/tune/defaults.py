@@ -27,7 +27,9 @@ rewards; the sizes come from the target's vector width and register count
   loop vectorized.
 
 A kernel that does not match its class's expectations keeps TVM's plain lowering; a schedule
-that raises is recorded in the build's facts (``default_schedule_failures``), never fatal.
+that raises is recorded in the build's facts (``default_schedule_failures``), never fatal. A
+class's schedule that raises anything but :class:`NotMatched` (a bug, not a kernel outside the
+class) falls back to the generic schedule and is recorded too (``default_schedule_fallbacks``).
 
 Every decision with alternatives (tile sizes, which loop nest) goes through :class:`Knobs`:
 the default schedule takes the heuristic's pick, and tuning measures the others
@@ -36,8 +38,12 @@ the default schedule takes the heuristic's pick, and tuning measures the others
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+
+_log = logging.getLogger("graphgen.tune")
 
 
 @dataclass(frozen=True)
@@ -1387,13 +1393,14 @@ _MAIN = {
 }
 
 
-def schedule_func(func, isa: Isa):
-    """A scheduled copy of ``func`` and its class name; raises NotMatched when not covered."""
-    sch, kind = default_schedule(func, isa)
+def schedule_func(func, isa: Isa, fallbacks: list[str] | None = None):
+    """A scheduled copy of ``func`` and its class name; raises NotMatched when not covered.
+    ``fallbacks`` collects why a class's schedule raised (see :func:`default_schedule`)."""
+    sch, kind = default_schedule(func, isa, fallbacks=fallbacks)
     return sch.mod["main"], kind
 
 
-def default_schedule(func, isa: Isa, mod=None, knobs: Knobs | None = None):
+def default_schedule(func, isa: Isa, mod=None, knobs: Knobs | None = None, fallbacks: list[str] | None = None):
     """The traced schedule (``tvm.s_tir.Schedule``) of ``func`` and its class name.
 
     ``mod`` (an IRModule whose "main" is ``func``, e.g. a MetaSchedule task) is scheduled in
@@ -1427,7 +1434,14 @@ def default_schedule(func, isa: Isa, mod=None, knobs: Knobs | None = None):
         if fn is not None:
             try:
                 kind = fn(sch, reductions[0], isa, outputs, knobs)
-            except Exception:  # noqa: BLE001 - not this class after all (e.g. two outputs): generic
+            except NotMatched:  # not this class after all (e.g. two outputs): generic
+                kind = None
+            except Exception as e:  # noqa: BLE001 - a bug in a class's schedule: generic, but said
+                lines = str(e).strip().splitlines()
+                why = f"{type(e).__name__}: {lines[-1][:160]}" if lines else type(e).__name__
+                _log.debug("the %s schedule of %s raised %s; generic schedule used", fn.__name__, name, why)
+                if fallbacks is not None:
+                    fallbacks.append(f"{fn.__name__} ({name}): {why}")
                 kind = None
     # a schedule may leave steps for after the weight layout rewrite: (kind, finish)
     kind, finish = kind if isinstance(kind, tuple) else (kind, None)
@@ -1505,7 +1519,7 @@ def apply_default_schedules(mod, target, stats, isa: Isa | None = None):
                 stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
             continue
         try:
-            new, kind = schedule_func(func, isa)
+            new, kind = schedule_func(func, isa, fallbacks=stats.default_fallbacks)
         except NotMatched:
             continue
         except Exception as e:  # noqa: BLE001 - a kernel we cannot schedule keeps the plain lowering

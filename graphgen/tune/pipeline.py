@@ -124,6 +124,7 @@ class ScheduleStats:
     default: int = 0
     plain: int = 0
     default_failures: list[str] = field(default_factory=list)
+    default_fallbacks: list[str] = field(default_factory=list)  # class schedules that raised: generic used
     kinds: dict = field(default_factory=dict)  # default-schedule class -> kernels
     concats_in_place: int = 0  # concats whose pieces are written in place (concat_inplace)
 
@@ -134,6 +135,8 @@ class ScheduleStats:
             d["default_schedule_kinds"] = dict(sorted(self.kinds.items()))
         if self.default_failures:
             d["default_schedule_failures"] = self.default_failures[:10]
+        if self.default_fallbacks:
+            d["default_schedule_fallbacks"] = self.default_fallbacks[:10]
         d["concats_in_place"] = self.concats_in_place
         return d
 
@@ -361,6 +364,10 @@ def compile_cpu(mod, spec, database, default_schedules: bool, info: dict, log=No
                 notes.append(f"tuning database {db.path} could not be applied ({why}); built without it")
             else:
                 notes.append(f"graphgen's CPU pipeline failed ({why}); built with TVM's default pipeline")
+    if stats.default_fallbacks:
+        notes.append(f"{len(stats.default_fallbacks)} kernel(s) got the generic schedule because their class's "
+                     f"schedule raised (first: {stats.default_fallbacks[0]}); see build.schedules."
+                     "default_schedule_fallbacks")
     for n in notes:
         log(n)
     # what a build "like" this one needs to reproduce its kernels' signatures (the armv7 kernel check)
