@@ -112,9 +112,9 @@ def every_knob_at(option: int, monkeypatch) -> dict:
     seen = {}
     original = defaults.default_schedule
 
-    def with_option(func, isa, mod=None, knobs=None):
+    def with_option(func, isa, mod=None, knobs=None, **kwargs):
         k = Knobs(others=option)
-        out = original(func, isa, mod=mod, knobs=k)
+        out = original(func, isa, mod=mod, knobs=k, **kwargs)
         seen.update(k.seen)
         return out
 

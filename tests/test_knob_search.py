@@ -140,9 +140,9 @@ def test_every_knob_option_matches_onnxruntime(tmp_path, monkeypatch, option):
     seen: dict[str, int] = {}
     original = defaults.default_schedule
 
-    def with_option(func, isa, mod=None, knobs=None):
+    def with_option(func, isa, mod=None, knobs=None, **kwargs):
         k = Knobs(others=option)
-        out = original(func, isa, mod=mod, knobs=k)
+        out = original(func, isa, mod=mod, knobs=k, **kwargs)
         seen.update({n: max(c, seen.get(n, 0)) for n, c in k.seen.items()})
         return out
 
@@ -213,6 +213,6 @@ def test_knob_options_compile_for_neon(tmp_path, monkeypatch, target):
     original = defaults.default_schedule
     monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
     monkeypatch.setattr(defaults, "default_schedule",
-                        lambda func, isa, mod=None, knobs=None: original(func, isa, mod=mod, knobs=Knobs(others=1)))
+                        lambda func, isa, mod=None, knobs=None, **kw: original(func, isa, mod=mod, **kw, knobs=Knobs(others=1)))
     kinds, cmp = compile_and_compare(_knob_model(), tmp_path, target)
     assert cmp is None and "depthwise conv2d (channel-blocked)" in kinds and "pointwise conv2d" in kinds, kinds
