@@ -93,6 +93,18 @@ def test_phase_split_kernels_compile_for_neon_and_avx512(target, tmp_path):
         assert ok, problem
 
 
+@pytest.mark.parametrize("target, threads, tile", [
+    ("avx512", 1, (8, 3)),      # 32 registers: 8 channels x 3 rows (24 accumulators)
+    ("avx512", 2, (8, 3)),      # 18 rows: 6 row blocks of 3 still split between two threads
+    ("x86-64-v3", 1, (8, 1)),   # 16 registers: 8 accumulators, one row, as before
+])
+def test_strided_stems_take_several_rows_per_tile_on_32_registers(target, threads, tile):
+    tir = scheduled_kernel_tir(single_conv_model(3, 64, 37, padding=0, stride=2), threads, target)
+    cb, hb = tile
+    assert f"for k_1 in T.unroll(T.int64({cb}))" in tir
+    assert f"for y_1 in T.unroll(T.int64({hb}))" in tir
+
+
 # -- stride-1 depthwise convs on rows (phase_depthwise) ---------------------------------------
 
 DW_KIND = "depthwise conv2d (rows)"

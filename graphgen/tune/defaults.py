@@ -1047,15 +1047,35 @@ def schedule_phase_conv(sch, conv, isa, outputs, knobs: Knobs):
     copy_per_block = depthwise and (out_w >= DEPTHWISE_COPY_PER_BLOCK_MIN_WIDTH or window_w >= 5)
     if depthwise and w_pad % lanes:
         lanes = lanes // 2  # rows of whole half vectors (56 columns with AVX-512), not padded
+    # strided convs on 32 registers: tiles of up to isa.tile_limit accumulators (see the key)
+    many_rows = not depthwise and isa.registers >= 32
+    limit = isa.tile_limit if many_rows else min(isa.accumulators - 2, 16)
     options = [(cb, hb, nv) for nv in (1, 2, 4) if w_pad % (nv * lanes) == 0
                for cb in _divisors(k_out) if cb <= (4 if depthwise else 16) for hb in _divisors(out_h) if hb <= 4
-               if cb * hb * nv <= min(isa.accumulators - 2, 16)]
+               if cb * hb * nv <= limit]
     if not options:
         raise NotMatched("no register tile fits")
     if depthwise:
         # each channel its own input rows: neighbouring output rows share input rows (4 rows of
         # a 3x3 window read 6), channels share nothing; enough accumulators for the FMA latency
         key = lambda o: (o[0] * o[1] * o[2] >= FMA_CHAINS, o[1], -o[0], -o[0] * o[1] * o[2])  # noqa: E731
+    elif many_rows:
+        # 8 channels (weights broadcast from memory), one vector of columns, then as many rows as
+        # the registers hold: each row's input vector (a split cache-line load: the phases' rows
+        # are not aligned) serves 8 FMAs, each broadcast weight hb FMAs; on several threads, row
+        # blocks that split among them (_channels_outside). Measured (Xeon, AVX-512, conv + bias +
+        # ReLU alone, us; cb x hb): SqueezeNet's 3 -> 64 3x3/2 (111 rows) one thread 8x1 469, 8x3
+        # 377, 4x3 442, 16x1 434; two threads 8x1 257, 8x3 284 (37 row blocks: not cut);
+        # MobileNetV2's 3 -> 32 (112 rows) 8x1 211, 8x2 182, two threads 105 -> 96;
+        # ShuffleNetV2's 3 -> 24 8x1 154, 8x2 125; ResNet-18's 7x7/2 8x1 1561, 8x2 1336. Row
+        # blocks that do not divide the rows (the last one predicated) were no faster on one
+        # thread (MobileNetV2 8x3 176) and much slower on two (170 against 96)
+        cb8 = max(c for c in _divisors(k_out) if c <= 8)
+
+        def key(o):
+            cb, hb, nv = o
+            cut = isa.threads == 1 or position_chunks(out_h // hb, isa.threads) > 1
+            return nv == 1, cb == cb8, cut, hb, -cb
     else:
         # measured (AVX-512, one thread, SqueezeNet's and MobileNetV2's 3x3/2 stems): 8 channels x
         # one vector best (0.493 ms; 12 x 1 0.511, 6 x 2 rows 0.512, 16 x 1 0.620, 8 x 2 vectors
