@@ -82,6 +82,18 @@ def test_other_depthwise_convs_keep_their_kernels(kwargs, tmp_path, monkeypatch)
     assert c.ok, c.summary()
 
 
+@pytest.mark.parametrize("c, h, parallel", [
+    (64, 28, True),   # 12.5K outputs x 9 multiply-adds: worth a second thread (below 32K outputs)
+    (4, 28, False),   # 784 outputs: one thread
+])
+def test_rows_are_parallel_by_the_work_of_their_outputs(c, h, parallel, monkeypatch):
+    from graphgen.testing import parallel_loops, scheduled_kernel_tir
+
+    monkeypatch.delenv("GRAPHGEN_DEPTHWISE_SHUFFLES", raising=False)
+    tir = scheduled_kernel_tir(_dw_model(c, h), 2)
+    assert bool(parallel_loops(tir)) == parallel, tir
+
+
 def test_the_kernel_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHGEN_DEPTHWISE_SHUFFLES", "0")
     kinds, c = compile_and_compare(_dw_model(**CASES["mobilenet_pad1"]), tmp_path, "x86", TOL)
