@@ -213,6 +213,7 @@ def test_knob_options_compile_for_neon(tmp_path, monkeypatch, target):
     original = defaults.default_schedule
     monkeypatch.delenv("GRAPHGEN_WINOGRAD", raising=False)
     monkeypatch.setattr(defaults, "default_schedule",
-                        lambda func, isa, mod=None, knobs=None, **kw: original(func, isa, mod=mod, **kw, knobs=Knobs(others=1)))
+                        lambda func, isa, mod=None, knobs=None, **kw: original(func, isa, mod=mod, **kw,
+                                                                               knobs=Knobs(others=1)))
     kinds, cmp = compile_and_compare(_knob_model(), tmp_path, target)
     assert cmp is None and "depthwise conv2d (channel-blocked)" in kinds and "pointwise conv2d" in kinds, kinds

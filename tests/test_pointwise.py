@@ -175,7 +175,8 @@ def _with_knobs(monkeypatch, choices: dict) -> None:
 
     original = defaults.default_schedule
     monkeypatch.setattr(defaults, "default_schedule",
-                        lambda func, isa, mod=None, knobs=None, **kw: original(func, isa, mod=mod, **kw, knobs=Knobs(choices)))
+                        lambda func, isa, mod=None, knobs=None, **kw: original(func, isa, mod=mod, **kw,
+                                                                               knobs=Knobs(choices)))
 
 
 @pytest.mark.parametrize("target_name", ["x86-64-v3", "avx512", "arm"])

@@ -7,7 +7,7 @@ against onnxruntime (fp32, relative L2 < 1e-5)."""
 import pytest
 
 from graphgen.compile import resolve_target
-from graphgen.testing import compile_and_compare, parallel_loops as _parallel_loops, scheduled_kernel_tir, single_conv_model
+from graphgen.testing import compile_and_compare, parallel_loops, scheduled_kernel_tir, single_conv_model
 from graphgen.tune.defaults import CHUNK_EVERY_TILE_MAX, isa_of, position_chunks
 from graphgen.tune.pipeline import tuning_target
 
@@ -41,37 +41,33 @@ def test_the_isa_carries_the_targets_thread_count():
     assert isa_of(resolve_target("avx512").tvm_target()).threads == 1  # no num-cores: one
 
 
-def _scheduled(model, threads: int, target_name: str = "avx512") -> str:
-    return scheduled_kernel_tir(model, threads, target_name)
-
-
 def test_a_squeeze_gemm_is_cut_along_the_image_first_on_two_threads():
     """SqueezeNet's 64 -> 16 at 55x55: 63 tiles of 48 positions x 2 channel blocks. One thread:
     channel blocks outside; two: 3 chunks of the image outside the channel blocks."""
     model = single_conv_model(64, 16, 55, kernel=1, padding=0)
-    assert _parallel_loops(_scheduled(model, 1))[0] == "n_k_0_p_0_fused"
-    assert _parallel_loops(_scheduled(model, 2))[0] == "n_p_0_0_k_0_p_0_1_fused"
+    assert parallel_loops(scheduled_kernel_tir(model, 1))[0] == "n_k_0_p_0_fused"
+    assert parallel_loops(scheduled_kernel_tir(model, 2))[0] == "n_p_0_0_k_0_p_0_1_fused"
 
 
 def test_a_14x14_gemm_computes_its_last_positions_apart_on_two_threads():
     """196 positions: padded to 208 (a copy of the input) on one thread; 192 + 4 on two, the 192
     in 3 tiles of 64, each its own chunk (positions outside)."""
     model = single_conv_model(116, 116, 14, kernel=1, padding=0)
-    one, two = _scheduled(model, 1), _scheduled(model, 2)
+    one, two = scheduled_kernel_tir(model, 1), scheduled_kernel_tir(model, 2)
     assert "pointwise_data_pad" in one and "pointwise_gemm_rest" not in one
     assert "pointwise_data_pad" not in two and "pointwise_gemm_rest" in two
-    assert _parallel_loops(two)[0] == "n_p_0_k_0_fused"
+    assert parallel_loops(two)[0] == "n_p_0_k_0_fused"
 
 
 def test_a_phase_split_stem_is_cut_by_rows_on_two_threads_and_a_depthwise_one_is_not():
     stem = single_conv_model(3, 64, 37, padding=0, stride=2)  # 18 output rows: 2 chunks of 9
-    assert _parallel_loops(_scheduled(stem, 1))[-1] == "n_k_0_y_0_fused"
-    assert _parallel_loops(_scheduled(stem, 2))[-1] == "n_y_0_0_k_0_y_0_1_fused"
+    assert parallel_loops(scheduled_kernel_tir(stem, 1))[-1] == "n_k_0_y_0_fused"
+    assert parallel_loops(scheduled_kernel_tir(stem, 2))[-1] == "n_y_0_0_k_0_y_0_1_fused"
     depthwise = single_conv_model(32, 32, 28, groups=32)
-    one, two = _scheduled(depthwise, 1), _scheduled(depthwise, 2)
+    one, two = scheduled_kernel_tir(depthwise, 1), scheduled_kernel_tir(depthwise, 2)
     assert "phase_depthwise" in two  # the row kernel, whose rows the phase-split stem's code cuts
-    assert _parallel_loops(one) == _parallel_loops(two)
-    assert _parallel_loops(two)[-1] == "n_k_0_fused"  # channel blocks, each copying its own padded rows
+    assert parallel_loops(one) == parallel_loops(two)
+    assert parallel_loops(two)[-1] == "n_k_0_fused"  # channel blocks, each copying its own padded rows
 
 
 def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
@@ -79,11 +75,11 @@ def test_a_direct_conv_is_cut_by_rows_where_its_input_outweighs_its_weights():
     cut in two on two threads. Its 512 -> 512 at 7x7 (weights 9.4 MB): channel blocks, as on
     one thread."""
     strided = single_conv_model(64, 128, 56, stride=2)
-    assert _parallel_loops(_scheduled(strided, 1))[-1] == "nn_ff_0_yy_0_fused"
-    assert _parallel_loops(_scheduled(strided, 2))[-1] == "nn_yy_0_0_ff_0_yy_0_1_fused"
+    assert parallel_loops(scheduled_kernel_tir(strided, 1))[-1] == "nn_ff_0_yy_0_fused"
+    assert parallel_loops(scheduled_kernel_tir(strided, 2))[-1] == "nn_yy_0_0_ff_0_yy_0_1_fused"
     heavy = single_conv_model(512, 512, 7)
-    assert _parallel_loops(_scheduled(heavy, 1)) == _parallel_loops(_scheduled(heavy, 2))
-    assert _parallel_loops(_scheduled(heavy, 2))[-1] == "nn_ff_0_yy_0_fused"  # the direct conv, by channels
+    assert parallel_loops(scheduled_kernel_tir(heavy, 1)) == parallel_loops(scheduled_kernel_tir(heavy, 2))
+    assert parallel_loops(scheduled_kernel_tir(heavy, 2))[-1] == "nn_ff_0_yy_0_fused"  # the direct conv, by channels
 
 
 CASES = {
